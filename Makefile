@@ -1,0 +1,47 @@
+# Two commands after cloning: `make run` and `make test`. Each installs what is missing first
+# (Debian packages as root, then the venv), so a fresh Debian 12 machine needs nothing by hand.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv tshark tcpflow tcpreplay iproute2
+PCAP ?= tests/data/sample.pcap
+ARGS ?=
+
+.PHONY: run test deps apt venv lint bench clean
+
+deps: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections 2>/dev/null || true; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: deps
+	$(VENV)/bin/streamtap -r $(PCAP) $(ARGS)
+
+test: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: deps
+	$(PY) bench/offline.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

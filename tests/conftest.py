@@ -1,0 +1,25 @@
+"""Shared fixtures. The public corpus is reached only through `corpus_dir`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The shared corpus of public captures and their tshark/tcpflow oracles.
+
+    A user's clone has no ../shared: the tests that need it skip, loudly. CI sets
+    STREAMTAP_REQUIRE_CORPUS=1, and then a missing corpus is a failure, never a skip.
+    """
+    if (CORPUS / "README.md").is_file():
+        return CORPUS
+    reason = f"corpus not found at {CORPUS}: conformance and differential tests did NOT run"
+    if os.environ.get("STREAMTAP_REQUIRE_CORPUS") == "1":
+        pytest.fail(reason + " (STREAMTAP_REQUIRE_CORPUS=1)")
+    pytest.skip(reason)
