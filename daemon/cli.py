@@ -1,0 +1,261 @@
+"""Command line: tcpdump's habits where they exist (DESIGN "Interfaces").
+
+Exit codes: 0 done, 1 runtime failure (unreadable capture, missing interface), 2 usage or
+config error. A user's mistake gets one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad flag, filter or config: exit 2 with the message."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streamtap",
+        description="Reassemble TCP connections from captures or an interface into byte streams.",
+        epilog="streamtap ctl [-i IFACE | --socket PATH] status|metrics|ingest PATH: "
+        "talk to a running daemon.",
+    )
+    p.add_argument("-r", dest="read", action="append", metavar="FILE",
+                   help="read packets from FILE (pcap or pcapng; '-' = stdin); repeatable, "
+                   "several files are merged in timestamp order")
+    p.add_argument("-i", dest="interface", metavar="IFACE", help="capture live on IFACE")
+    p.add_argument("-s", dest="snaplen", type=int, metavar="SNAPLEN",
+                   help="bytes captured per packet (default 262144)")
+    p.add_argument("-B", dest="buffer_kib", type=int, metavar="KiB",
+                   help="kernel capture buffer in KiB (default 65536)")
+    p.add_argument("-p", dest="no_promisc", action="store_true",
+                   help="do not put the interface into promiscuous mode")
+    p.add_argument("-c", dest="count", type=int, metavar="COUNT",
+                   help="stop after COUNT packets")
+    p.add_argument("-F", dest="filter_file", metavar="FILE",
+                   help="read the BPF filter expression from FILE")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML configuration (default: the shipped default.yaml)")
+    p.add_argument("--sink", action="append", metavar="SPEC",
+                   help="jsonl:PATH|- , pcap:DIR or couchdb:URL; repeatable; replaces the "
+                   "config's sinks")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes (shards); default one per core for -i")
+    p.add_argument("--control-socket", metavar="PATH", help="control API unix socket")
+    p.add_argument("--check-config", action="store_true",
+                   help="validate, print the effective config as YAML, exit 0 (or 2)")
+    p.add_argument("-v", dest="verbose", action="count", default=0, help="more log output")
+    p.add_argument("-q", dest="quiet", action="store_true",
+                   help="no progress bar, no summary")
+    p.add_argument("--version", action="version", version=f"streamtap {__version__}")
+    p.add_argument("expression", nargs="*", help="BPF filter, as tcpdump takes it")
+    return p
+
+
+def parse_sink(spec: str) -> dict[str, Any]:
+    """`--sink` forms: jsonl:PATH|-, pcap:DIR, couchdb:URL."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        raise UsageError(f"--sink {spec!r}: expected jsonl:PATH|-, pcap:DIR or couchdb:URL")
+    if kind == "jsonl":
+        return {"type": "jsonl", "path": arg}
+    if kind == "pcap":
+        return {"type": "pcap", "dir": arg}
+    if kind == "couchdb":
+        return {"type": "couchdb", "url": arg}
+    raise UsageError(f"--sink {spec!r}: unknown sink type {kind!r} (jsonl, pcap, couchdb)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags become config overrides, validated like YAML."""
+    capture: dict[str, Any] = {}
+    if args.interface:
+        capture["interface"] = args.interface
+    if args.snaplen is not None:
+        capture["snaplen"] = args.snaplen
+    if args.buffer_kib is not None:
+        capture["buffer_size"] = args.buffer_kib * 1024
+    if args.no_promisc:
+        capture["promiscuous"] = False
+    if args.workers is not None:
+        capture["workers"] = args.workers
+    expression = " ".join(args.expression)
+    if args.filter_file:
+        if expression:
+            raise UsageError("give a filter either as an expression or with -F, not both")
+        try:
+            with open(args.filter_file, encoding="utf-8") as fh:
+                # tcpdump -F: the whole file is the expression; '#' comments are ours
+                expression = " ".join(
+                    line.split("#", 1)[0].strip() for line in fh if line.strip()
+                ).strip()
+        except OSError as e:
+            raise UsageError(f"-F {args.filter_file}: {e.strerror}") from None
+    if expression:
+        capture["filter"] = expression
+    out: dict[str, Any] = {}
+    if capture:
+        out["capture"] = capture
+    if args.sink:
+        out["sinks"] = [parse_sink(s) for s in args.sink]
+    if args.control_socket:
+        out["control"] = {"socket": args.control_socket}
+    return out
+
+
+def load_config(args: argparse.Namespace):
+    from streamtap import config as cfgmod
+
+    try:
+        return cfgmod.load(args.config, overrides_from_args(args))
+    except cfgmod.ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def make_sinks(cfg) -> list:
+    from streamtap.sinks.jsonl import JsonlSink
+
+    sinks = []
+    for sc in cfg.sinks:
+        if sc.type == "jsonl":
+            o = sc.options
+            sinks.append(JsonlSink(o.get("path", "-"), o.get("payload_encoding", "base64"),
+                                   o.get("max_payload")))
+        else:
+            raise UsageError(f"sink type {sc.type!r} is not available in this version")
+    if not sinks:
+        sinks.append(JsonlSink("-"))
+    return sinks
+
+
+def _summary_line(stats: dict[str, Any], elapsed: float) -> str:
+    streams = stats["streams"]
+    total = sum(streams.values())
+    by = ", ".join(f"{k} {streams.get(k, 0)}"
+                   for k in ("fin", "rst", "timeout", "evicted", "shutdown"))
+    line = (f"streamtap: {stats['packets']} packets in {elapsed:.2f} s, {total} streams ({by}), "
+            f"{stats['gaps']} gaps ({stats['missed_bytes']} bytes missed)")
+    mal = stats["malformed"]
+    if mal:
+        line += f", {sum(mal.values())} malformed (" + ", ".join(
+            f"{k} {v}" for k, v in sorted(mal.items())) + ")"
+    else:
+        line += ", 0 malformed"
+    return line
+
+
+def run_offline(args: argparse.Namespace, cfg) -> int:
+    from .api import Reassembler
+    from .decode import UnsupportedLinkType
+    from .reader import CaptureError, FilterError, Sources
+
+    sinks = make_sinks(cfg)
+    r = Reassembler(cfg, summary=False)
+    bpf = cfg.capture.filter or None
+    started = time.monotonic()
+    status = EXIT_OK
+    count = args.count
+    show_progress = not args.quiet and sys.stderr.isatty() and "-" not in args.read
+    bar = None
+
+    def deliver(streams: list) -> None:
+        if streams:
+            for s in sinks:
+                s.write(streams)
+
+    try:
+        for s in sinks:
+            s.open()
+        src = Sources(args.read, bpf)
+        if show_progress:
+            bar = _progress(src.total_size)
+        for linktype, data, meta in src:
+            if count is not None:
+                left = count - r.packets
+                if left <= 0:
+                    break
+                if len(meta) // 16 > left:
+                    meta = meta[: left * 16]
+            r.feed_batch(linktype, data, meta)
+            deliver(r.completed())
+            if bar is not None:
+                bar.update(src.bytes_read - bar.n)
+                rate = r.packets / max(time.monotonic() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} pkt/s")
+    except FilterError as e:
+        print(f"streamtap: bad filter expression: {e}", file=sys.stderr)
+        status = EXIT_USAGE
+    except UnsupportedLinkType as e:
+        print(f"streamtap: {e}", file=sys.stderr)
+        status = EXIT_RUNTIME
+    except CaptureError as e:
+        print(f"streamtap: {e}", file=sys.stderr)
+        status = EXIT_RUNTIME
+    finally:
+        if bar is not None:
+            bar.close()
+        # the streams read before any damage are still delivered
+        deliver(r.flush())
+        for s in sinks:
+            s.close()
+    if not args.quiet:
+        print(_summary_line(r.stats, time.monotonic() - started), file=sys.stderr)
+    return status
+
+
+def _progress(total: int | None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                desc="streamtap", leave=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ctl":
+        from .ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args)
+        if args.check_config:
+            from streamtap import config as cfgmod
+
+            sys.stdout.write(cfgmod.dump(cfg))
+            return EXIT_OK
+        if args.read and args.interface:
+            raise UsageError("-r and -i are exclusive: read files or capture live")
+        if args.read:
+            return run_offline(args, cfg)
+        if args.interface or cfg.capture.interface:
+            from .live import run_live
+
+            return run_live(args, cfg)
+        raise UsageError("nothing to do: give -r FILE or -i IFACE (see --help)")
+    except UsageError as e:
+        print(f"streamtap: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # `streamtap -r x | head`: the reader left; that is not an error
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
