@@ -1,0 +1,617 @@
+"""The settings: one frozen dataclass per section, one declarative field per setting (G5, F1).
+
+Every field carries its default, its help text and its unit in ``dataclasses.field(metadata=...)``
+(built by :func:`setting`); the YAML loader, ``dump()``, ``config/default.yaml`` comments and the
+README table (``reference_table()``) are all generated from these records. Add a setting here and
+everything else follows.
+
+Validation works on plain Python values (from YAML nodes or from CLI overrides alike) and raises
+:class:`ConfigError` carrying the key path; the loader adds the YAML line.
+
+Sinks: ``SINK_TYPES`` maps a sink type name to a validator ``(options, key_path) -> dict``. The
+built-in types are declared as option dataclasses wrapped by :class:`OptionsValidator`; the sinks
+package (and later, entry-point plugins) may add entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field
+from difflib import get_close_matches
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from .units import _show, parse_duration, parse_size
+
+Unit = Literal["duration", "size"] | None
+Check = Callable[[Any, str], Any]
+
+MIB = 1024**2
+GIB = 1024**3
+MAX_SNAPLEN = 262144  # libpcap's MAXIMUM_SNAPLEN; tcpdump's -s 0 means this
+
+
+class ConfigError(Exception):
+    """A configuration problem: ``source:line: key.path: message``.
+
+    ``key_path`` is dotted (``reassembly.timeouts.handshake``, ``sinks[0].type``), None for file or
+    YAML syntax problems; ``line`` is 1-based, None for CLI overrides; ``source`` the file name
+    (``<string>`` for :func:`loads`), None for overrides. ``message`` is the bare message.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        key_path: str | None = None,
+        line: int | None = None,
+        source: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.key_path = key_path
+        self.line = line
+        self.source = source
+
+    def __str__(self) -> str:
+        parts = []
+        if self.source is not None:
+            parts.append(self.source if self.line is None else f"{self.source}:{self.line}")
+        elif self.line is not None:
+            parts.append(f"line {self.line}")
+        if self.key_path:
+            parts.append(self.key_path)
+        parts.append(self.message)
+        return ": ".join(parts)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # survive pickling across worker pipes
+        return (type(self), (self.message, self.key_path, self.line, self.source))
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    unit: Unit = None,
+    factory: Callable[[], Any] | None = None,
+    positive: bool = False,
+    max: int | float | None = None,
+    check: Check | None = None,
+) -> Any:
+    """One setting: default, help, unit (``"duration"`` | ``"size"`` | None) and constraints.
+
+    Every number is non-negative; ``positive`` also refuses 0; ``max`` is inclusive. ``check`` is
+    called as ``check(value, key_path)`` after conversion and returns the (possibly normalized)
+    value or raises :class:`ConfigError`.
+    """
+    metadata = {"help": help, "unit": unit, "positive": positive, "max": max, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _snaplen(value: int, path: str) -> int:
+    return MAX_SNAPLEN if value == 0 else value
+
+
+def _listen(value: str | None, path: str) -> str | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"expected 127.0.0.1:PORT, got {value!r}", path)
+    if host != "127.0.0.1":
+        raise ConfigError(
+            f"only 127.0.0.1:PORT is allowed (the control API has no authentication), "
+            f"got host {host!r}",
+            path,
+        )
+    return value
+
+
+def _absolute_dirs(value: tuple[str, ...], path: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not os.path.isabs(item):
+            raise ConfigError(f"expected an absolute path, got {item!r}", f"{path}[{i}]")
+    return tuple(os.path.normpath(item) for item in value)
+
+
+def _http_url(value: str, path: str) -> str:
+    if not re.match(r"https?://[^/\s]+", value):
+        raise ConfigError(f"expected an http:// or https:// URL, got {value!r}", path)
+    return value
+
+
+def _couchdb_name(value: str, path: str) -> str:
+    # CouchDB's rule for database names.
+    if not re.fullmatch(r"[a-z][a-z0-9_$()+/-]*", value):
+        raise ConfigError(
+            f"expected a CouchDB database name (lowercase letter, then a-z 0-9 _$()+-/), "
+            f"got {value!r}",
+            path,
+        )
+    return value
+
+
+def _unique_sink_names(value: tuple[SinkConfig, ...], path: str) -> tuple[SinkConfig, ...]:
+    seen: dict[str, int] = {}
+    for i, sink in enumerate(value):
+        if sink.name is None:
+            continue
+        if sink.name in seen:
+            raise ConfigError(
+                f"duplicate sink name {sink.name!r} (also sinks[{seen[sink.name]}])",
+                f"{path}[{i}].name",
+            )
+        seen[sink.name] = i
+    return value
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Where packets come from (live capture; `-r FILE` ignores interface and buffer settings)."""
+
+    interface: str | None = setting(
+        None, help="Network interface to capture on (tcpdump -i); null = none, give -i or -r."
+    )
+    snaplen: int = setting(
+        MAX_SNAPLEN,
+        max=MAX_SNAPLEN,
+        check=_snaplen,
+        help="Bytes captured per packet (tcpdump -s); 0 = 262144, the maximum. Payload cut by "
+        "the snaplen is recorded as a gap and flags the stream truncated.",
+    )
+    buffer_size: int = setting(
+        64 * MIB,
+        unit="size",
+        help="Kernel capture buffer per worker handle (tcpdump -B, which takes KiB); "
+        "0 = libpcap's default.",
+    )
+    promiscuous: bool = setting(
+        True, help="Put the interface in promiscuous mode (tcpdump -p turns it off)."
+    )
+    filter: str = setting(
+        "",
+        help='BPF filter expression, as tcpdump takes it; "" = every packet (non-TCP packets '
+        "are dropped by the decoder anyway).",
+    )
+    workers: int = setting(
+        0,
+        help="Worker processes (capture shards); 0 = one per CPU core. 1 runs the worker loop "
+        "inside the supervisor.",
+    )
+    fanout_group: int | None = setting(
+        None,
+        max=65535,
+        help="PACKET_FANOUT group id shared by the workers' handles; null = derived from the "
+        "interface name. Set it only if two daemons collide.",
+    )
+    shutdown_timeout: float = setting(
+        10.0,
+        unit="duration",
+        help="On SIGTERM, how long workers get to flush open streams (close_reason shutdown) "
+        "before they are killed.",
+    )
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    """Idle timeouts per connection state, on packet time (live: max(packet, wall clock))."""
+
+    handshake: float = setting(
+        30.0, unit="duration", positive=True, help="Idle timeout before the handshake completes."
+    )
+    established: float = setting(
+        600.0, unit="duration", positive=True, help="Idle timeout of an established connection."
+    )
+    closing: float = setting(
+        60.0,
+        unit="duration",
+        positive=True,
+        help="Idle timeout once one side has sent a FIN.",
+    )
+    rst_linger: float = setting(
+        5.0,
+        unit="duration",
+        help="After a RST, how long stragglers are still added before the stream ends; 0 = end "
+        "at once.",
+    )
+    fin_linger: float = setting(
+        5.0,
+        unit="duration",
+        help="After FINs both ways, how long to wait for the final ACK and stragglers; 0 = end "
+        "at once.",
+    )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Resource limits; each hit is counted and flagged, never a silent drop."""
+
+    max_flows: int = setting(
+        1_000_000,
+        positive=True,
+        help="Open connections per worker shard; past it the oldest idle one is evicted "
+        "(close_reason evicted).",
+    )
+    depth: int = setting(
+        0,
+        unit="size",
+        help="Reassembly depth per direction: bytes kept per stream side; data past it is "
+        "counted and the stream flagged truncated. 0 = unlimited.",
+    )
+    ooo_bytes: int = setting(
+        1 * MIB,
+        unit="size",
+        help="Out-of-order bytes held per direction while waiting for a hole to fill; past it "
+        "the hole is skipped as a gap. 0 = unlimited.",
+    )
+    memory: int = setting(
+        1 * GIB,
+        unit="size",
+        help="Global cap on reassembly buffers (held and kept stream bytes), all workers "
+        "together; memory is checked before buffering and every hit is counted. 0 = unlimited.",
+    )
+
+
+@dataclass(frozen=True)
+class FragmentsConfig:
+    """IP fragment reassembly (IPv4 and IPv6)."""
+
+    max_pending: int = setting(
+        8192,
+        positive=True,
+        help="Datagrams being reassembled at once per worker; past it the oldest is dropped "
+        "(counted).",
+    )
+    timeout: float = setting(
+        30.0,
+        unit="duration",
+        positive=True,
+        help="How long an incomplete datagram waits for its missing fragments.",
+    )
+
+
+@dataclass(frozen=True)
+class ReassemblyConfig:
+    """How TCP segments become the two byte streams of a connection."""
+
+    overlap: Literal["first", "last"] = setting(
+        "first",
+        help="Overlapping segments: first = the bytes captured first for an offset stay; "
+        "last = the newest bytes win (tcpflow).",
+    )
+    emit_empty: bool = setting(
+        True,
+        help="Emit streams without payload (refused connections, scans), like a flow log.",
+    )
+    keep_packets: bool = setting(
+        False,
+        help="Keep each stream's raw packets for the pcap sink (costs memory).",
+    )
+    timeouts: TimeoutsConfig = setting(factory=TimeoutsConfig, help=TimeoutsConfig.__doc__ or "")
+    limits: LimitsConfig = setting(factory=LimitsConfig, help=LimitsConfig.__doc__ or "")
+    fragments: FragmentsConfig = setting(
+        factory=FragmentsConfig, help=FragmentsConfig.__doc__ or ""
+    )
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """One sink entry: ``type``, optional ``name``, and the type's options (defaults filled in)."""
+
+    type: str = setting(help="Sink type: one of the keys of SINK_TYPES (jsonl, pcap, couchdb).")
+    name: str | None = setting(
+        None, help="Name in logs and metrics; null = the type name (numbered if repeated)."
+    )
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        hash=False,
+        metadata={"help": "The type-specific keys, validated, with their defaults filled in."},
+    )
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control API (GET /status, GET /metrics, POST /pcaps)."""
+
+    socket: str | None = setting(
+        None,
+        help="Unix socket path; null = <runtime>/<interface>.sock, runtime = "
+        "$RUNTIME_DIRECTORY else /run/streamtap.",
+    )
+    listen: str | None = setting(
+        None,
+        check=_listen,
+        help="Also serve on TCP, as 127.0.0.1:PORT (loopback only: the API has no "
+        "authentication); null = unix socket only.",
+    )
+    ingest_dirs: tuple[str, ...] = setting(
+        (),
+        check=_absolute_dirs,
+        help="Absolute directories POST /pcaps may read files from; [] = ingestion disabled.",
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Daemon logs (journald under systemd, stderr otherwise)."""
+
+    level: Literal["debug", "info", "warning", "error"] = setting(
+        "info", help="Lowest level logged."
+    )
+    format: Literal["text", "json"] = setting("text", help="Log line format.")
+
+
+# --------------------------------------------------------------------------- sink types
+
+
+@dataclass(frozen=True)
+class JsonlOptions:
+    """JSON Lines: one stream record per line."""
+
+    path: str = setting("-", help='Output file; "-" = stdout.')
+    payload_encoding: Literal["base64", "hex", "utf8", "none"] = setting(
+        "base64",
+        help="How payload bytes go into the record (utf8 = lossy, none = no payload fields).",
+    )
+    max_payload: int = setting(
+        1 * MIB,
+        unit="size",
+        help="Payload bytes encoded per direction and record; 0 = unlimited.",
+    )
+
+
+@dataclass(frozen=True)
+class PcapOptions:
+    """pcap files of each stream's packets (see reassembly.keep_packets)."""
+
+    dir: str = setting(help="Directory the pcap files are written to (required).")
+
+
+@dataclass(frozen=True)
+class CouchdbOptions:
+    """CouchDB 3.x (or a compatible server) over HTTP, _bulk_docs batches."""
+
+    url: str = setting(check=_http_url, help="Server URL, e.g. http://127.0.0.1:5984 (required).")
+    database: str = setting("streamtap", check=_couchdb_name, help="Database name.")
+
+
+SinkValidator = Callable[[Mapping[str, Any], str], Mapping[str, Any]]
+
+
+class OptionsValidator:
+    """A sink validator built from an options dataclass: known keys, types, units, defaults.
+
+    ``validator(options, key_path)`` returns the options as a dict with defaults filled in;
+    ``options_cls`` lets ``dump()`` and ``reference_table()`` show units and help.
+    """
+
+    def __init__(self, type_name: str, options_cls: type) -> None:
+        self.type_name = type_name
+        self.options_cls = options_cls
+
+    def __call__(self, options: Mapping[str, Any], key_path: str) -> dict[str, Any]:
+        obj = build(
+            self.options_cls,
+            options,
+            key_path,
+            where=f"for sink type {self.type_name}",
+            extra_known=("type", "name"),
+        )
+        return dataclasses.asdict(obj)
+
+
+SINK_TYPES: dict[str, SinkValidator] = {
+    "jsonl": OptionsValidator("jsonl", JsonlOptions),
+    "pcap": OptionsValidator("pcap", PcapOptions),
+    "couchdb": OptionsValidator("couchdb", CouchdbOptions),
+}
+
+# What --sink TYPE:VALUE sets for each built-in type.
+SINK_SPEC_KEYS: dict[str, str] = {"jsonl": "path", "pcap": "dir", "couchdb": "url"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``default()`` is ``Config()``."""
+
+    capture: CaptureConfig = setting(factory=CaptureConfig, help=CaptureConfig.__doc__ or "")
+    reassembly: ReassemblyConfig = setting(
+        factory=ReassemblyConfig, help=ReassemblyConfig.__doc__ or ""
+    )
+    sinks: tuple[SinkConfig, ...] = setting(
+        (),
+        check=_unique_sink_names,
+        help="Where completed streams go: a list of mappings, each with type, an optional name "
+        "and the type's keys. [] = JSON Lines on stdout, payloads base64.",
+    )
+    control: ControlConfig = setting(factory=ControlConfig, help=ControlConfig.__doc__ or "")
+    logging: LoggingConfig = setting(factory=LoggingConfig, help=LoggingConfig.__doc__ or "")
+
+    def effective_sinks(self) -> tuple[SinkConfig, ...]:
+        """``sinks``, or the default when empty: one JSON Lines sink on stdout, base64 payloads."""
+        if self.sinks:
+            return self.sinks
+        return (SinkConfig(type="jsonl", name=None, options=dataclasses.asdict(JsonlOptions())),)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def build(
+    cls: type,
+    value: Any,
+    path: str,
+    *,
+    where: str | None = None,
+    extra_known: tuple[str, ...] = (),
+) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping of plain values; missing keys take defaults."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping, got {_show(value)}", path or None)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    for key in value:
+        if key in extra_known:
+            continue
+        if not isinstance(key, str):
+            raise ConfigError(f"keys must be strings, got {_show(key)}", join(path, str(key)))
+        if key not in fields:
+            known = [*extra_known, *fields]
+            place = where or (f"in {path}" if path else "at the top level")
+            hint = get_close_matches(key, known, n=1)
+            guess = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(
+                f"unknown key {key!r} {place}{guess}; known: {', '.join(known)}", join(path, key)
+            )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        sub = join(path, name)
+        if name in value:
+            kwargs[name] = convert_field(f, hints[name], value[name], sub)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            place = f" {where}" if where else ""
+            raise ConfigError(f"missing required key {name!r}{place}", path or None)
+    return cls(**kwargs)
+
+
+def convert_field(f: dataclasses.Field[Any], tp: Any, value: Any, path: str) -> Any:
+    meta = f.metadata
+    result = convert(tp, value, path, meta.get("unit"))
+    if isinstance(result, int | float) and not isinstance(result, bool):
+        if result < 0:
+            raise ConfigError(f"must not be negative, got {_show(value)}", path)
+        if meta.get("positive") and result == 0:
+            raise ConfigError("must be greater than 0", path)
+        limit = meta.get("max")
+        if limit is not None and result > limit:
+            raise ConfigError(f"must be at most {limit}, got {_show(value)}", path)
+    check = meta.get("check")
+    if check is not None:
+        result = check(result, path)
+    return result
+
+
+def _union_args(tp: Any) -> tuple[Any, ...] | None:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return get_args(tp)
+    return None
+
+
+def describe_type(tp: Any, unit: Unit = None) -> str:
+    """Human name of a field type, for messages and docs."""
+    if unit is not None:
+        return unit
+    args = _union_args(tp)
+    if args is not None:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(describe_type(a) for a in inner) + " or null"
+    if get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in get_args(tp))
+    if get_origin(tp) is tuple:
+        return f"list of {describe_type(get_args(tp)[0])}"
+    return {bool: "bool", int: "integer", float: "number", str: "string"}.get(tp, "mapping")
+
+
+def convert(tp: Any, value: Any, path: str, unit: Unit = None) -> Any:
+    """Check and convert one plain value to field type ``tp`` (with ``unit``)."""
+    args = _union_args(tp)
+    if args is not None:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"unsupported union {tp!r} at {path}")
+        tp = inner[0]
+    if unit == "duration":
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc), path) from None
+    if unit == "size":
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(str(exc), path) from None
+    if tp is SinkConfig:
+        return _build_sink(value, path)
+    if dataclasses.is_dataclass(tp):
+        return build(typing.cast(type, tp), value, path)
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            raise ConfigError(
+                f"expected one of {', '.join(map(str, choices))}, got {_show(value)}", path
+            )
+        return value
+    if origin is tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"expected a list, got {_show(value)}", path)
+        item_tp = get_args(tp)[0]
+        return tuple(convert(item_tp, item, f"{path}[{i}]") for i, item in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {_show(value)}", path)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {_show(value)}", path)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"expected a number, got {_show(value)}", path)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {_show(value)}", path)
+        return value
+    raise TypeError(f"unsupported setting type {tp!r} at {path}")
+
+
+def _build_sink(value: Any, path: str) -> SinkConfig:
+    known = ", ".join(SINK_TYPES)
+    if isinstance(value, SinkConfig):  # overrides may pass SinkConfig objects: re-validate them
+        value = {**value.options, "type": value.type, "name": value.name}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"expected a mapping with a type key, got {_show(value)}", path)
+    if "type" not in value:
+        raise ConfigError(f"missing required key 'type' (known types: {known})", path)
+    type_name = value["type"]
+    if not isinstance(type_name, str):
+        raise ConfigError(f"expected a string, got {_show(type_name)}", f"{path}.type")
+    validator = SINK_TYPES.get(type_name)
+    if validator is None:
+        raise ConfigError(f"unknown sink type {type_name!r}; known types: {known}", f"{path}.type")
+    name = value.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigError(f"expected a non-empty string, got {_show(name)}", f"{path}.name")
+    options = {k: v for k, v in value.items() if k not in ("type", "name")}
+    return SinkConfig(type=type_name, name=name, options=dict(validator(options, path)))
+
+
+def parse_sink_spec(spec: str) -> dict[str, Any]:
+    """``--sink jsonl:PATH|- / pcap:DIR / couchdb:URL`` -> a sink mapping for ``overrides``."""
+    type_name, sep, rest = spec.partition(":")
+    if type_name not in SINK_SPEC_KEYS or not sep or not rest:
+        forms = ", ".join(f"{t}:{k.upper()}" for t, k in SINK_SPEC_KEYS.items())
+        raise ConfigError(f"expected one of {forms}, got {spec!r}", "sinks")
+    return {"type": type_name, SINK_SPEC_KEYS[type_name]: rest}
