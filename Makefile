@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv tshark tcpflow tcpreplay iproute2
-PCAP ?= tests/data/sample.pcap
+SAMPLE := build/sample.pcap
+PCAP ?= $(SAMPLE)
 ARGS ?=
 
 .PHONY: run test deps apt venv lint bench clean
@@ -30,8 +31,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-run: deps
+run: deps $(if $(filter $(SAMPLE),$(PCAP)),$(SAMPLE))
 	$(VENV)/bin/streamtap -r $(PCAP) $(ARGS)
+
+# the sample is built, not shipped: a handful of scripted connections (tests/sample.py)
+$(SAMPLE): tests/sample.py tests/pcapbuild.py
+	$(PY) tests/sample.py $@
 
 test: deps
 	$(VENV)/bin/ruff check .

@@ -200,14 +200,26 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
     except CaptureError as e:
         print(f"streamtap: {e}", file=sys.stderr)
         status = EXIT_RUNTIME
+    except OSError as e:
+        # a sink's file: missing directory, permission, full disk
+        print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
+        status = EXIT_RUNTIME
     finally:
         if bar is not None:
             bar.close()
         # the streams read before any damage are still delivered
-        deliver(r.flush())
+        try:
+            deliver(r.flush())
+        except OSError as e:
+            if status == EXIT_OK:
+                print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
+                status = EXIT_RUNTIME
         for s in sinks:
-            s.close()
-    if not args.quiet:
+            try:
+                s.close()
+            except OSError:
+                pass
+    if not args.quiet and status != EXIT_USAGE and (status == EXIT_OK or r.packets):
         print(_summary_line(r.stats, time.monotonic() - started), file=sys.stderr)
     return status
 
@@ -227,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ctl_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error("-c COUNT must be a positive number of packets")
     try:
         cfg = load_config(args)
         if args.check_config:

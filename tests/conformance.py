@@ -30,7 +30,9 @@ CATEGORIES = {
     "unacked-gap": "held data after a never-acknowledged hole is delivered at close "
                    "(tshark drops it)",
     "late-gap-data": "data arriving for a range tshark already declared lost",
-    "split": "connection boundaries differ (port reuse, timeout or SYN heuristics)",
+    "split": "connection boundaries differ (idle/closing timeouts, port reuse, SYN heuristics)",
+    "synack-isn": "a second SYN-ACK with another ISN does not restart the server's sequence "
+                  "space (tshark re-bases on it and drops the server's data)",
     "rst-data": "payload carried on a RST is not stream data",
     "linktype": "link type streamtap does not decode",
     "encapsulation": "encapsulation streamtap does not decode",
