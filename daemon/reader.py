@@ -52,6 +52,7 @@ MAX_SNAPLEN = 262144  # libpcap's MAXIMUM_SNAPLEN: bigger caplens are rejected
 META = struct.Struct("=IIII")  # pcapy next_batch meta record: sec, usec, offset, caplen
 META_LEN = META.size
 WALK_CHUNK = 1 << 20
+MIXED_LINKTYPES = "differs from the first"  # _walk_pcapng's problem: see Source._fallback
 
 
 class CaptureError(Exception):
@@ -150,7 +151,7 @@ def _walk_pcapng(fh: BinaryIO, size: int) -> tuple[int, int, str] | None:
             fh.seek(pos + 8)
             lt = struct.unpack(order + "H", fh.read(2))[0]
             if linktype is not None and lt != linktype:
-                return pos, n + 1, f"interface link type {lt} differs from the first ({linktype})"
+                return pos, n + 1, f"interface link type {lt} {MIXED_LINKTYPES} ({linktype})"
             linktype = lt
             interfaces += 1
         elif btype in PCAPNG_PACKET_BLOCKS:
@@ -226,7 +227,15 @@ class Source:
 
     def batches(self, n: int = 4096) -> Iterator[tuple[bytes, bytes]]:
         """pcapy `next_batch(n)` results until EOF. On damage: yields every good packet before
-        it, then raises CaptureError with the byte offset of the damage."""
+        it, then raises CaptureError with the byte offset of the damage. Drops each batch's
+        link type: use `typed_batches` for pcapng files with several link types."""
+        for _linktype, data, meta in self.typed_batches(n):
+            yield data, meta
+
+    def typed_batches(self, n: int = 4096) -> Iterator[tuple[int, bytes, bytes]]:
+        """`(linktype, data, meta)` batches. The link type is `self.linktype` except after a
+        fallback to `pcapng.PcapngReader` (interfaces of several link types, which libpcap
+        refuses): then each batch carries its own, and a new batch starts when it changes."""
         reader = self._reader
         if reader is None:
             raise ValueError("source is closed")
@@ -250,7 +259,7 @@ class Source:
                     self.bytes_read = min(pos, self.size)
                 else:
                     self.bytes_read += PCAP_RECORD_HEADER_LEN * count + len(data)
-            yield data, meta
+            yield self.linktype, data, meta
         self._check_end()
         if self.size is not None:
             self.bytes_read = self.size
@@ -284,7 +293,7 @@ class Source:
         raise CaptureError(f"{self.name}: {problem} at byte {offset} (packet {number})",
                            self.path, offset)
 
-    def _damaged(self, libpcap_msg: str, n: int) -> Iterator[tuple[bytes, bytes]]:
+    def _damaged(self, libpcap_msg: str, n: int) -> Iterator[tuple[int, bytes, bytes]]:
         """Error path: recover the good packets libpcap's failed batch dropped, yield them,
         then raise CaptureError with the offset of the damage."""
         self.close()
@@ -295,16 +304,31 @@ class Source:
                 f"are lost: a stream cannot be re-read)", self.path, None)
         recovered = self._recover(n)
         if recovered is not None:
-            yield recovered
+            yield self.linktype, *recovered
         with open(self.path, "rb") as fh:
             size = self.size or 0
             bad = _walk_pcapng(fh, size) if self._pcapng else _walk_pcap(fh, size)
+        if self._pcapng and (bad is None or MIXED_LINKTYPES in bad[2]):
+            # libpcap refuses an interface whose link type (or snaplen) differs from the
+            # first one's; the stdlib reader goes on from the packets delivered so far.
+            yield from self._fallback(n)
+            return
         if bad is None:  # libpcap objects to something the walker accepts
             raise CaptureError(f"{self.name}: {libpcap_msg} after packet {self.packets_read} "
                                f"(near byte {self.bytes_read})", self.path, None)
         offset, number, problem = bad
         raise CaptureError(f"{self.name}: {problem} at byte {offset} (packet {number})",
                            self.path, offset)
+
+    def _fallback(self, n: int) -> Iterator[tuple[int, bytes, bytes]]:
+        from .pcapng import PcapngReader  # imports this module
+
+        rest = PcapngReader(self.path, self._bpf, self.name)
+        for linktype, data, meta in rest.batches(n, skip=self.packets_read):
+            self.packets_read += len(meta) // META_LEN
+            self.bytes_read = rest.bytes_read
+            yield linktype, data, meta
+        self.bytes_read = rest.bytes_read
 
     def _recover(self, n: int) -> tuple[bytes, bytes] | None:
         """Reopen, skip the packets already yielded (same batches, at C speed), then read one
@@ -403,10 +427,9 @@ def _packets(src: Source, index: int, n: int,
              errors: list[CaptureError]) -> Iterator[tuple[int, int, int, int, memoryview]]:
     """(sec, usec, file index, linktype, packet) for every packet of one source; a damaged
     source ends early and leaves its error in `errors`."""
-    linktype = src.linktype
     iter_meta = META.iter_unpack
     try:
-        for data, meta in src.batches(n):
+        for linktype, data, meta in src.typed_batches(n):
             view = memoryview(data)
             for sec, usec, off, caplen in iter_meta(meta):
                 yield sec, usec, index, linktype, view[off:off + caplen]
@@ -455,10 +478,7 @@ class Sources:
         if not sources:
             return
         if len(sources) == 1:
-            src = sources[0]
-            linktype = src.linktype
-            for data, meta in src.batches(n):
-                yield linktype, data, meta
+            yield from sources[0].typed_batches(n)
             return
         errors: list[CaptureError] = []
         merged = heapq.merge(*(_packets(s, i, n, errors) for i, s in enumerate(sources)))
