@@ -200,6 +200,8 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
     except CaptureError as e:
         print(f"streamtap: {e}", file=sys.stderr)
         status = EXIT_RUNTIME
+    except BrokenPipeError:
+        raise
     except OSError as e:
         # a sink's file: missing directory, permission, full disk
         print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
@@ -210,6 +212,8 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
         # the streams read before any damage are still delivered
         try:
             deliver(r.flush())
+        except BrokenPipeError:
+            status = EXIT_OK
         except OSError as e:
             if status == EXIT_OK:
                 print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
