@@ -80,9 +80,9 @@ class TimerWheel:
     schedule(c, 40.2) -> past level 1's window too; level 2 bucket 40 // 16 = 2, creating
                          level 2 on the way.
     advance(3.0)  -> level 0 buckets 0..2 are flushed: `a` is returned (2.5 <= 3.0).
-    advance(8.1)  -> ticks 3..7 are passed (4 level-0 buckets, each visited once), then level 1 bucket 2 ([8, 12))
-                     has started: it is flushed and `b` re-added relative to now = 8.1, landing
-                     in level 0 bucket 9 % 4 = 1. Nothing is returned yet.
+    advance(8.1)  -> ticks 3..7 are passed (4 level-0 buckets, each visited once); level 1
+                     bucket 2 ([8, 12)) has started, so it is flushed and `b` re-added relative
+                     to now = 8.1, landing in level 0 bucket 9 % 4 = 1. Nothing is returned.
     advance(9.0)  -> `b` (9.0 <= 9.0) is returned from level 0.
     advance(32.0) -> level 2 bucket 2 ([32, 48)) has started: `c` cascades to level 1 bucket
                      40 // 4 = 10; advance(40.0) cascades it to level 0 bucket 40 % 4 = 0,
