@@ -1,0 +1,166 @@
+"""IPv4 and IPv6 fragment reassembly for the decoder (`streamtap.decode`).
+
+Bounded on every axis, because fragments are a classic way to make a sniffer hold memory:
+
+- at most `max_pending` datagrams are held; a new one past that evicts the oldest
+  (counted ``fragment_limit``);
+- a datagram still incomplete `timeout` seconds after its first fragment (packet time, not the
+  wall clock) is dropped (``fragment_timeout``);
+- overlapping fragments drop the whole datagram, including fragments that arrive later
+  (``fragment_overlap``). RFC 5722 requires this for IPv6; we apply the same rule to IPv4 on
+  purpose: the OS stacks disagree on which bytes of an IPv4 overlap win (first, last, BSD-right…),
+  so any choice could hand the reassembler bytes the receiver never saw. Exact duplicates of a
+  fragment (same offset, length and bytes, e.g. captured twice) are not overlaps: RFC 8200 §4.5
+  allows ignoring them, and we do (``fragment_duplicate`` in `skipped`);
+- invalid geometry (a non-final fragment whose length is not a multiple of 8, data past the
+  final fragment's end, more than 65,535 bytes) drops the datagram (``fragment_invalid``);
+- a fragment cut by the capture's snaplen cannot be reassembled: `discard` drops its datagram
+  (the caller counts ``fragment_truncated``).
+
+A dropped datagram leaves a tombstone under its key until it expires, so its remaining fragments
+are discarded quietly (``fragment_discarded`` in `skipped`) instead of starting a new datagram that
+could only time out.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+
+#: IPv4 total length and IPv6 payload length are 16-bit fields (RFC 791, RFC 8200; jumbograms
+#: cannot be fragmented, RFC 2675 §3), so no reassembled payload can exceed this.
+MAX_DATAGRAM = 65535
+
+
+class _Datagram:
+    """One datagram being reassembled: its fragments as (start, end, bytes), no overlaps."""
+
+    __slots__ = ("first_ts", "pieces", "size", "total", "max_end", "meta", "dead")
+
+    def __init__(self, first_ts: float) -> None:
+        self.first_ts = first_ts
+        self.pieces: list[tuple[int, int, bytes]] = []
+        self.size = 0  # bytes held (no overlaps, so == covered bytes)
+        self.total: int | None = None  # payload length, known once the last fragment (MF=0) came
+        self.max_end = 0
+        self.meta: object = None  # from the offset-0 fragment (IPv6: its next header)
+        self.dead = False  # tombstone: dropped, swallow the rest of its fragments
+
+
+class Defragmenter:
+    """Reassembles fragmented IP payloads keyed by (src, dst, id, proto).
+
+    `add` returns ``(payload, meta)`` when the fragment completes its datagram, else None (the
+    fragment is held, or dropped and counted). Drops go to `malformed`, holds to `skipped`: the
+    decoder's own counters, passed in.
+    """
+
+    __slots__ = ("max_pending", "timeout", "malformed", "skipped", "_pending")
+
+    def __init__(
+        self,
+        max_pending: int,
+        timeout: float,
+        malformed: Counter[str],
+        skipped: Counter[str],
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"frag_max_pending must be >= 1, got {max_pending}")
+        if timeout <= 0:
+            raise ValueError(f"frag_timeout must be > 0, got {timeout}")
+        self.max_pending = max_pending
+        self.timeout = timeout
+        self.malformed = malformed
+        self.skipped = skipped
+        # Insertion order == creation order: the first key is the oldest datagram, which makes
+        # both expiry and eviction O(1) per datagram.
+        self._pending: dict[Hashable, _Datagram] = {}
+
+    @property
+    def pending(self) -> int:
+        """Datagrams held (incomplete, or tombstones of dropped ones)."""
+        return len(self._pending)
+
+    def expire(self, now: float) -> None:
+        """Drop datagrams whose first fragment is older than `timeout` at packet time `now`."""
+        pending = self._pending
+        limit = now - self.timeout
+        while pending:
+            key = next(iter(pending))
+            dg = pending[key]
+            if dg.first_ts >= limit:
+                break
+            del pending[key]
+            if not dg.dead:
+                self.malformed["fragment_timeout"] += 1
+
+    def _get(self, key: Hashable, ts: float) -> _Datagram:
+        pending = self._pending
+        dg = pending.get(key)
+        if dg is None:
+            if len(pending) >= self.max_pending:
+                oldest = next(iter(pending))
+                if not pending.pop(oldest).dead:
+                    self.malformed["fragment_limit"] += 1
+            dg = pending[key] = _Datagram(ts)
+        return dg
+
+    def _kill(self, dg: _Datagram, reason: str) -> None:
+        dg.dead = True
+        dg.pieces = []  # free the bytes now; the tombstone stays until it expires
+        self.malformed[reason] += 1
+
+    def discard(self, key: Hashable, ts: float, reason: str) -> None:
+        """Drop the datagram `key` (e.g. one of its fragments was truncated), counting `reason`."""
+        if self._pending:
+            self.expire(ts)
+        dg = self._get(key, ts)
+        if dg.dead:
+            self.skipped["fragment_discarded"] += 1
+        else:
+            self._kill(dg, reason)
+
+    def add(
+        self, key: Hashable, ts: float, offset: int, more: bool, data: bytes, meta: object
+    ) -> tuple[bytes, object] | None:
+        """Add one fragment: payload bytes `data` at byte `offset`; `more` = MF flag set."""
+        if self._pending:
+            self.expire(ts)
+        dg = self._get(key, ts)
+        if dg.dead:
+            self.skipped["fragment_discarded"] += 1
+            return None
+        n = len(data)
+        end = offset + n
+        total = dg.total
+        if (
+            (more and n & 7)
+            or end > MAX_DATAGRAM
+            or (total is not None and (end > total or (not more and end != total)))
+            or (not more and end < dg.max_end)
+        ):
+            self._kill(dg, "fragment_invalid")
+            return None
+        for s, e, d in dg.pieces:
+            if offset < e and s < end:
+                if s == offset and e == end and d == data:
+                    self.skipped["fragment_duplicate"] += 1
+                    return None
+                self._kill(dg, "fragment_overlap")
+                return None
+        dg.pieces.append((offset, end, data))
+        dg.size += n
+        if end > dg.max_end:
+            dg.max_end = end
+        if not more:
+            dg.total = total = end
+        if offset == 0:
+            dg.meta = meta
+        # No overlaps and nothing past `total`, so size == total means every byte is covered.
+        if total is not None and dg.size == total:
+            del self._pending[key]
+            pieces = dg.pieces
+            pieces.sort()
+            return b"".join([p[2] for p in pieces]), dg.meta
+        self.skipped["fragment_pending"] += 1
+        return None
