@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -12,9 +11,6 @@ from .decode import Decoder
 from .flowtable import FlowTable, Limits
 from .reader import CaptureError, read
 from .stream import Stream
-
-# next_batch() meta records: (sec, usec, offset, caplen), native order (DESIGN "Capture")
-META = struct.Struct("=IIII")
 
 
 def _load_config(config: Any):
@@ -65,18 +61,8 @@ class Reassembler:
 
     def feed_batch(self, linktype: int, data: bytes, meta: bytes) -> int:
         """A pcapy `next_batch()` result: the capture loop's fast path. Returns packets fed."""
-        decode = self._decoder(linktype).decode
-        table = self.table
-        table.linktype = linktype
-        packet = table.packet
-        keep = self.limits.keep_packets
-        # Flat loop on purpose: this runs once per packet (DESIGN "Capture" budget).
-        for sec, usec, off, caplen in META.iter_unpack(meta):
-            ts = sec + usec * 1e-6
-            end = off + caplen
-            dec = decode(data, off, end, ts)
-            if dec is not None:
-                packet(ts, dec, data[off:end] if keep else None)
+        self.table.linktype = linktype
+        self.table.feed(self._decoder(linktype).decode, data, meta)
         n = len(meta) // 16
         self.packets += n
         return n

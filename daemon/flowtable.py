@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from . import reassembly as ra
 from .reassembly import MASK32, UNLIMITED, Half
 from .stream import Stream
 from .wheel import TimerEntry, TimerWheel
+
+# pcapy next_batch() meta records: (sec, usec, offset, caplen), native order (DESIGN "Capture")
+META = struct.Struct("=IIII")
 
 # TCP flags (RFC 9293 section 3.1)
 TH_FIN = 0x01
@@ -136,46 +140,75 @@ class FlowTable:
 
     # -- the hot path -------------------------------------------------------------------------
 
-    def packet(self, ts: float, dec: tuple, frame: bytes | None = None) -> None:
-        if ts >= self._next_advance:
-            self.advance(ts)
-        _v, src, dst, sport, dport, seq, ack, flags, _win, payload, missing, _opts = dec
-        h = self.flows.get((src, sport, dst, dport))
-        if h is None or flags & 0x07 or missing:
-            return self._slow(ts, dec, h, frame)
-        f = h.flow
-        if ts - f.last >= f.timeout:
-            return self._slow(ts, dec, h, frame)
-        if ts > f.last:
-            f.last = ts
-        h.packets += 1
-        if f.pkts is not None:
-            f.pkts.append((ts, len(frame) + missing, frame))
-        if flags & TH_ACK:
-            peer = h.peer
-            if peer.ooo:
-                ra.ack_passed(peer, ack, self)
-            if f.state == HANDSHAKE and h.next >= 0:
-                self._set_state(f, ESTABLISHED)
-        n = len(payload)
-        if n:
-            if seq == h.next and n <= h.room and not h.ooo:
-                h.buf += payload
-                h.room -= n
-                h.off += n
+    def feed(self, decode: Callable, data: bytes, meta: bytes) -> None:
+        """A capture batch: `meta` holds (sec, usec, offset, caplen) records into `data`, and
+        `decode(data, start, end, ts)` turns a frame into a TCP tuple (or None).
+
+        This loop is the fast path of the whole program, so it is written flat on purpose:
+        attributes hoisted into locals, the in-order append inlined, and everything rare
+        (handshake, FIN/RST, retransmission, out of order, new flows) sent to `_slow` or
+        `_data`. Those may change `_next_advance`, hence the reloads after them.
+        """
+        flows_get = self.flows.get
+        slow = self._slow
+        keep = self.limits.keep_packets
+        mem_cap = self.mem_cap
+        next_adv = self._next_advance
+        for sec, usec, off, caplen in META.iter_unpack(meta):
+            ts = sec + usec * 1e-6
+            end = off + caplen
+            dec = decode(data, off, end, ts)
+            if dec is None:
+                continue
+            if ts >= next_adv:
+                self.advance(ts)
+                next_adv = self._next_advance
+            _v, src, dst, sport, dport, seq, ack, flags, _win, payload, missing, _o = dec
+            h = flows_get((src, sport, dst, dport))
+            if h is None or flags & 0x07 or missing or ts - h.flow.last >= h.flow.timeout:
+                slow(ts, dec, h, data[off:end] if keep else None)
+                next_adv = self._next_advance
+                continue
+            f = h.flow
+            if ts > f.last:
+                f.last = ts
+            h.packets += 1
+            if keep:
+                f.pkts.append((ts, caplen, data[off:end]))
+            if flags & TH_ACK:
+                if h.peer.ooo:
+                    ra.ack_passed(h.peer, ack, self)
+                if f.state == HANDSHAKE and h.next >= 0:
+                    self._set_state(f, ESTABLISHED)
+                    next_adv = self._next_advance
+            n = len(payload)
+            if n:
+                if seq == h.next and n <= h.room and not h.ooo:
+                    h.buf += payload
+                    h.room -= n
+                    h.off += n
+                    h.next = (seq + n) & MASK32
+                    self.mem += n
+                    if self.mem > mem_cap:
+                        self._over_memory()
+                else:
+                    self._data(h, seq, payload, 0)
+                    next_adv = self._next_advance
+                if not h.seen & BIT_D:
+                    self.letter(h, "D")
+            elif not h.seen & BIT_A and flags & TH_ACK:
+                self.letter(h, "A")
+            if h.next < 0:
                 h.next = (seq + n) & MASK32
-                self.mem += n
-                if self.mem > self.mem_cap:
-                    self._over_memory()
-            else:
-                self._data(h, seq, payload, 0)
-            if not h.seen & BIT_D:
-                self.letter(h, "D")
-        elif not h.seen & BIT_A and flags & TH_ACK:
-            self.letter(h, "A")
-        if h.next < 0:
-            h.next = (seq + n) & MASK32
-            h.off = n
+                h.off = n
+
+    def packet(self, ts: float, dec: tuple, frame: bytes | None = None) -> None:
+        """One already decoded segment (library `feed`, tests): a batch of one, so the fast
+        path above stays the only implementation."""
+        frame = frame or b""
+        sec = int(ts)
+        usec = min(round((ts - sec) * 1e6), 999_999)
+        self.feed(lambda *_: dec, frame, META.pack(sec, usec, 0, len(frame)))
 
     # -- everything else ----------------------------------------------------------------------
 
