@@ -154,6 +154,7 @@ class FlowTable:
         keep = self.limits.keep_packets
         mem_cap = self.mem_cap
         next_adv = self._next_advance
+        bit_a, bit_d, mask = BIT_A, BIT_D, MASK32
         for sec, usec, off, caplen in META.iter_unpack(meta):
             ts = sec + usec * 1e-6
             end = off + caplen
@@ -165,42 +166,49 @@ class FlowTable:
                 next_adv = self._next_advance
             _v, src, dst, sport, dport, seq, ack, flags, _win, payload, missing, _o = dec
             h = flows_get((src, sport, dst, dport))
-            if h is None or flags & 0x07 or missing or ts - h.flow.last >= h.flow.timeout:
+            if h is None or flags & 0x07 or missing:
                 slow(ts, dec, h, data[off:end] if keep else None)
                 next_adv = self._next_advance
                 continue
             f = h.flow
-            if ts > f.last:
-                f.last = ts
+            if ts - f.last >= f.timeout:
+                slow(ts, dec, h, data[off:end] if keep else None)
+                next_adv = self._next_advance
+                continue
+            f.last = ts
             h.packets += 1
             if keep:
                 f.pkts.append((ts, caplen, data[off:end]))
-            if flags & TH_ACK:
+            if flags & 0x10:  # ACK
                 if h.peer.ooo:
                     ra.ack_passed(h.peer, ack, self)
                 if f.state == HANDSHAKE and h.next >= 0:
                     self._set_state(f, ESTABLISHED)
                     next_adv = self._next_advance
-            n = len(payload)
-            if n:
+            if payload:
+                n = len(payload)
                 if seq == h.next and n <= h.room and not h.ooo:
                     h.buf += payload
                     h.room -= n
                     h.off += n
-                    h.next = (seq + n) & MASK32
+                    h.next = (seq + n) & mask
                     self.mem += n
                     if self.mem > mem_cap:
                         self._over_memory()
                 else:
                     self._data(h, seq, payload, 0)
                     next_adv = self._next_advance
-                if not h.seen & BIT_D:
+                if not h.seen & bit_d:
                     self.letter(h, "D")
-            elif not h.seen & BIT_A and flags & TH_ACK:
-                self.letter(h, "A")
-            if h.next < 0:
-                h.next = (seq + n) & MASK32
-                h.off = n
+                if h.next < 0:
+                    h.next = (seq + n) & mask
+                    h.off = n
+            else:
+                if not h.seen & bit_a and flags & 0x10:
+                    self.letter(h, "A")
+                if h.next < 0:
+                    h.next = seq
+                    h.off = 0
 
     def packet(self, ts: float, dec: tuple, frame: bytes | None = None) -> None:
         """One already decoded segment (library `feed`, tests): a batch of one, so the fast

@@ -191,9 +191,26 @@ def to_record(s: Stream, payload: str = "base64", max_payload: int | None = None
     return rec
 
 
+# Placeholders for the payload strings while the (small) rest of the record is encoded.
+_PLACEHOLDERS = (r'"\u0000streamtap-c\u0000"', r'"\u0000streamtap-s\u0000"')
+
+
 def to_json(s: Stream, payload: str = "base64", max_payload: int | None = None) -> str:
-    """The record as one compact JSON line (ASCII only, no trailing newline)."""
-    return json.dumps(to_record(s, payload, max_payload), separators=(",", ":"))
+    """The record as one compact JSON line (ASCII only, no trailing newline).
+
+    base64 and hex payloads are pure ASCII that JSON never escapes, so they are spliced in after
+    encoding instead of being scanned byte by byte by the JSON encoder: on bulk captures that
+    scan was a third of the CLI's time.
+    """
+    rec = to_record(s, payload, max_payload)
+    if payload not in ("base64", "hex"):
+        return json.dumps(rec, separators=(",", ":"))
+    src, dst = rec["source"], rec["destination"]
+    cpay, spay = src["payload"], dst["payload"]
+    src["payload"], dst["payload"] = "\0streamtap-c\0", "\0streamtap-s\0"
+    line = json.dumps(rec, separators=(",", ":"))
+    return line.replace(_PLACEHOLDERS[0], f'"{cpay}"', 1).replace(
+        _PLACEHOLDERS[1], f'"{spay}"', 1)
 
 
 def from_record(d: dict[str, Any]) -> Stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from streamtap.communityid import community_id
 
 # Vectors from the spec's reference data, corelight/community-id-spec, files

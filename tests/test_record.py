@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+
 from streamtap.communityid import community_id
 from streamtap.record import (
     decode_payload,
@@ -285,3 +286,14 @@ def test_json_line() -> None:
         parsed = json.loads(line)
         assert parsed == to_record(s, payload=enc)
         assert list(parsed) == list(to_record(s, payload=enc))
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex", "utf8", "none"])
+def test_to_json_splice_equals_plain_encoding(encoding: str) -> None:
+    # to_json splices base64/hex payloads in after encoding; the line must still be exactly
+    # what json.dumps of the record gives.
+    s = Stream(client=("10.0.0.1", 1), server=("10.0.0.2", 2), client_data=bytes(range(256)),
+               server_data=b'\x00"\\\n' * 50, close_reason="fin", gaps=[], start=1.0, end=2.0,
+               ip_version=4, interface="\x00streamtap-c\x00")
+    line = to_json(s, encoding)
+    assert line == json.dumps(to_record(s, encoding), separators=(",", ":"))
