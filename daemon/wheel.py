@@ -170,25 +170,7 @@ class TimerWheel:
         entry.deadline = deadline
         if not deadline > self._now:  # also rejects NaN
             return False
-        k = floor(deadline / self._tick)
-        cur = self._cur
-        slots = self._slots
-        if k - cur < slots:
-            bucket = self._levels[0][k % slots]
-            tail = bucket._prev
-            if k == cur:
-                # The current-tick bucket is kept sorted; appending in order keeps it so.
-                if tail is not bucket and deadline < tail.deadline:  # type: ignore[union-attr]
-                    self._cur_sorted = False
-                if deadline < self._cur_min:
-                    self._cur_min = deadline
-            entry._prev = tail
-            entry._next = bucket
-            entry._bucket = bucket
-            tail._next = entry
-            bucket._prev = entry
-        else:
-            self._add_far(entry, k)
+        self._place(entry, deadline)
         self._count += 1
         return True
 
@@ -234,19 +216,15 @@ class TimerWheel:
                 return
             level += 1
 
-    def _readd(self, entry: TimerEntry, expired: list[TimerEntry]) -> None:
-        """Cascade: put an unlinked entry from a flushed coarse bucket back, relative to now."""
-        deadline = entry.deadline
-        if deadline <= self._now:
-            expired.append(entry)
-            self._count -= 1
-            return
+    def _place(self, entry: TimerEntry, deadline: float) -> None:
+        """Link an unlinked entry into the bucket its deadline falls in (deadline > now)."""
         k = floor(deadline / self._tick)
         slots = self._slots
         if k - self._cur < slots:
             bucket = self._levels[0][k % slots]
             tail = bucket._prev
             if k == self._cur:
+                # The current-tick bucket is kept sorted; appending in order keeps it so.
                 if tail is not bucket and deadline < tail.deadline:  # type: ignore[union-attr]
                     self._cur_sorted = False
                 if deadline < self._cur_min:
@@ -258,6 +236,15 @@ class TimerWheel:
             bucket._prev = entry
         else:
             self._add_far(entry, k)
+
+    def _readd(self, entry: TimerEntry, expired: list[TimerEntry]) -> None:
+        """Cascade: put an unlinked entry from a flushed coarse bucket back, relative to now."""
+        deadline = entry.deadline
+        if deadline <= self._now:
+            expired.append(entry)
+            self._count -= 1
+            return
+        self._place(entry, deadline)
 
     @staticmethod
     def _detach(bucket: _Bucket) -> list[TimerEntry]:
