@@ -8,7 +8,7 @@ SAMPLE := build/sample.pcap
 PCAP ?= $(SAMPLE)
 ARGS ?=
 
-.PHONY: run test deps apt venv lint bench clean
+.PHONY: run test deps apt venv lint typecheck bench clean
 
 deps: apt venv
 
@@ -40,7 +40,14 @@ $(SAMPLE): tests/sample.py tests/pcapbuild.py
 
 test: deps
 	$(VENV)/bin/ruff check .
+	$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest -q
+
+# mypy does not follow package-dir, so it checks a throwaway non-editable install (DESIGN)
+typecheck: venv
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -m pip install -q --no-deps --target "$$tmp/site" . >/dev/null && rm -rf build && \
+	cd "$$tmp/site" && $(CURDIR)/$(VENV)/bin/mypy -p streamtap --ignore-missing-imports
 
 lint: venv
 	$(VENV)/bin/ruff check .

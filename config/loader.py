@@ -402,7 +402,7 @@ def _rows(cls: type, prefix: str, obj: Any) -> list[tuple[str, str, str, str]]:
         key = f"{prefix}{f.name}"
         unit = f.metadata.get("unit")
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp) and obj is not None:
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and obj is not None:
             rows += _rows(tp, f"{key}.", getattr(obj, f.name))
             continue
         if f.name == "sinks" and cls is Config:

@@ -381,7 +381,7 @@ class FlowTable:
             self.now = now
         self._next_advance = now + 0.5
         for e in wheel.advance(now):
-            f = e.payload
+            f: Flow = e.payload  # type: ignore[assignment]
             deadline = f.last + f.timeout
             if deadline <= now:
                 self._close(f, f.reason if f.state == CLOSED else "timeout")

@@ -486,7 +486,7 @@ class Sources:
         chunks: list[memoryview] = []
         metas: list[bytes] = []
         offset = 0
-        current = None
+        current = -1
         for sec, usec, _i, linktype, pkt in merged:
             if linktype != current or len(metas) == n:
                 if metas:

@@ -13,6 +13,7 @@ through `skip_gap` (Zeek's one choke point) so the counters cannot drift apart.
 from __future__ import annotations
 
 from bisect import bisect_right, insort
+from typing import Any
 
 MASK32 = 0xFFFFFFFF
 HALF32 = 0x80000000
@@ -32,8 +33,10 @@ class Half:
     def __init__(self, ip: bytes, port: int, room: int) -> None:
         self.ip = ip
         self.port = port
-        self.flow = None
-        self.peer: Half | None = None
+        # Both set right after construction (flowtable.FlowTable._new_flow); typed Any because
+        # the hot path dereferences them without a None check, and Flow lives in flowtable.
+        self.flow: Any = None
+        self.peer: Any = None
         self.is_client = False
         self.next = -1          # next expected 32-bit seq; -1 = nothing seen yet
         self.off = 0            # 64-bit offset of `next`
@@ -73,7 +76,7 @@ def buf_pos(h: Half, off: int) -> int:
     return off - skipped
 
 
-def append(h: Half, data: bytes, table) -> None:
+def append(h: Half, data: bytes, table: Any) -> None:
     """Deliver in-order bytes at h.off, honouring the depth limit (Suricata's CheckDepth)."""
     n = len(data)
     if n <= h.room:

@@ -31,10 +31,10 @@ class JsonlSink:
             self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open)
 
     def write(self, batch: Sequence[Stream]) -> None:
-        f = self._f
-        if f is None:
+        if self._f is None:
             self.open()
-            f = self._f
+        f = self._f
+        assert f is not None
         enc, cap = self.payload_encoding, self.max_payload
         f.write("".join(to_json(s, enc, cap) + "\n" for s in batch))
         self.records += len(batch)
