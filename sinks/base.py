@@ -1,0 +1,77 @@
+"""The sink contract (Fluent Bit's F1/F2 habits): a sink encodes and delivers; the runner owns
+batching, retries, backoff and the disk spool, so a sink never sleeps or loops.
+
+A sink module exposes a class implementing `Sink`, registered by type name (built-ins in
+`streamtap.sinks.registry`, third-party ones through the entry-point group "streamtap.sinks").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from streamtap.stream import Stream
+
+OK = "ok"
+RETRY = "retry"
+FATAL = "fatal"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What `Sink.write` returns: every record of the batch stored (`ok`); try the whole batch
+    again later (`retry`, optionally after `after` seconds); or never (`fatal`, with why)."""
+
+    status: str
+    after: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def ok(cls) -> Result:
+        return cls(OK)
+
+    @classmethod
+    def retry(cls, after: float | None = None, error: str | None = None) -> Result:
+        return cls(RETRY, after, error)
+
+    @classmethod
+    def fatal(cls, error: str) -> Result:
+        return cls(FATAL, None, error)
+
+
+class Sink:
+    """Base class with no-op defaults; override what the sink needs.
+
+    `options` are the validated config keys of the sink's entry (`streamtap.config` fills in
+    defaults); `interface` is the capture interface (None offline); `state_dir` is where the
+    sink may keep files of its own.
+    """
+
+    type: str = "base"
+
+    def __init__(
+        self, name: str, options: dict[str, Any], *, interface: str | None = None,
+        state_dir: str | None = None,
+    ) -> None:
+        self.name = name
+        self.options = options
+        self.interface = interface
+        self.state_dir = state_dir
+
+    def open(self) -> None:
+        """Acquire resources (files, connections). May raise OSError: the runner retries."""
+
+    def write(self, batch: Sequence[Stream]) -> Result:
+        """Deliver a batch of completed streams."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make what was written durable (fsync, HTTP flush)."""
+
+    def close(self) -> None:
+        """Release resources; called once, after the last write."""
+
+    def health(self) -> dict[str, Any]:
+        """Sink-specific health details for /status (e.g. the open file, the server URL)."""
+        return {}
