@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,36 @@ class Reassembler:
         self._decoders: dict[int, Decoder] = {}
         self._summary: dict[str, dict[int, int]] | None = {} if summary else None
         self.packets = 0
+
+    def reconfigure(self, config: Any) -> None:
+        """Apply a reloaded config's reassembly settings in place (SIGHUP), keeping open flows.
+
+        New flows get the new depth; open flows keep the depth budget they started with. Idle
+        timeouts of open flows are re-derived from their state (linger after FIN/RST is kept).
+        `keep_packets` cannot change on a live table (open flows have no packet list): the old
+        value stays until restart. Pending IP fragments keep their old settings.
+        """
+        from .flowtable import CLOSED, CLOSING, ESTABLISHED, HANDSHAKE, UNLIMITED
+
+        cfg = _load_config(config)
+        t = self.table
+        lim = Limits.from_config(cfg)
+        if lim.keep_packets != t.limits.keep_packets:
+            lim = dataclasses.replace(lim, keep_packets=t.limits.keep_packets)
+        self.config = cfg
+        self.limits = t.limits = lim
+        t.ooo_limit = lim.ooo_bytes or UNLIMITED
+        t.mem_cap = lim.memory or UNLIMITED
+        t.max_flows = lim.max_flows or UNLIMITED
+        t.depth = lim.depth or UNLIMITED
+        t.last = lim.overlap == "last"
+        t.timeouts = {
+            HANDSHAKE: lim.handshake, ESTABLISHED: lim.established, CLOSING: lim.closing,
+        }
+        for h in list(t.flows.values()):
+            f = h.flow
+            if h.is_client and f.state != CLOSED:
+                t._set_state(f, f.state)
 
     def _decoder(self, linktype: int) -> Decoder:
         d = self._decoders.get(linktype)
