@@ -373,13 +373,49 @@ class JsonlOptions:
         unit="size",
         help="Payload bytes encoded per direction and record; 0 = unlimited.",
     )
+    rotate_bytes: int = setting(
+        0, unit="size", help="Rotate the file before it would grow past this; 0 = never."
+    )
+    rotate_seconds: float = setting(
+        0, unit="duration", help="Rotate the file when it is this old; 0 = never."
+    )
+    compress_rotated: bool = setting(False, help="gzip rotated files (PATH.<UTC time>.gz).")
+    fsync: Literal["never", "batch", "always"] = setting(
+        "never", help="fsync after nothing, every batch, or every record."
+    )
+
+
+def _pcap_template(value: str, path: str) -> str:
+    from streamtap.sinks.pcap import check_template
+
+    try:
+        check_template(value)
+    except ValueError as e:
+        raise ConfigError(str(e), path) from None
+    return value
 
 
 @dataclass(frozen=True)
 class PcapOptions:
-    """pcap files of each stream's packets (see reassembly.keep_packets)."""
+    """pcap files of each stream's packets (reassembly.keep_packets is turned on for it)."""
 
     dir: str = setting(help="Directory the pcap files are written to (required).")
+    mode: Literal["per_stream", "rotating"] = setting(
+        "per_stream", help="One file per stream (named by template), or one rotating file."
+    )
+    template: str = setting(
+        "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap",
+        check=_pcap_template,
+        help="per_stream file name under dir; fields start, end, client_ip, client_port, "
+        "server_ip, server_port, stream_id, community_id, close_reason, interface, ip_version.",
+    )
+    rotate_bytes: int = setting(0, unit="size", help="rotating mode: size limit; 0 = never.")
+    rotate_seconds: float = setting(
+        0, unit="duration", help="rotating mode: age limit; 0 = never."
+    )
+    max_open_files: int = setting(256, positive=True, help="Open file handles kept (LRU).")
+    nanosecond: bool = setting(False, help="Write nanosecond-magic files (µs-precise times).")
+    snaplen: int = setting(262144, positive=True, max=262144, help="snaplen in file headers.")
 
 
 @dataclass(frozen=True)
@@ -441,6 +477,14 @@ class Config:
     )
     control: ControlConfig = setting(factory=ControlConfig, help=ControlConfig.__doc__ or "")
     logging: LoggingConfig = setting(factory=LoggingConfig, help=LoggingConfig.__doc__ or "")
+
+    def __post_init__(self) -> None:
+        # A pcap sink writes each stream's packets as captured, so the reassembler must keep
+        # them; turning it on here makes --check-config show the value in force.
+        if any(sc.type == "pcap" for sc in self.sinks) and not self.reassembly.keep_packets:
+            object.__setattr__(
+                self, "reassembly", dataclasses.replace(self.reassembly, keep_packets=True)
+            )
 
     def effective_sinks(self) -> tuple[SinkConfig, ...]:
         """``sinks``, or the default when empty: one JSON Lines sink on stdout, base64 payloads."""
@@ -587,6 +631,20 @@ def convert(tp: Any, value: Any, path: str, unit: Unit = None) -> Any:
     raise TypeError(f"unsupported setting type {tp!r} at {path}")
 
 
+def _plugin_validator(type_name: str) -> SinkValidator | None:
+    """Third-party sinks (entry-point group "streamtap.sinks"), looked up only for a type that
+    is not built in, so plain configs never import plugin code."""
+    from streamtap.sinks.registry import plugin_validator
+
+    return plugin_validator(type_name)
+
+
+def _available_types() -> list[str]:
+    from streamtap.sinks.registry import plugins
+
+    return [*SINK_TYPES, *sorted(t for t in plugins() if t not in SINK_TYPES)]
+
+
 def _build_sink(value: Any, path: str) -> SinkConfig:
     known = ", ".join(SINK_TYPES)
     if isinstance(value, SinkConfig):  # overrides may pass SinkConfig objects: re-validate them
@@ -598,8 +656,9 @@ def _build_sink(value: Any, path: str) -> SinkConfig:
     type_name = value["type"]
     if not isinstance(type_name, str):
         raise ConfigError(f"expected a string, got {_show(type_name)}", f"{path}.type")
-    validator = SINK_TYPES.get(type_name)
+    validator = SINK_TYPES.get(type_name) or _plugin_validator(type_name)
     if validator is None:
+        known = ", ".join(_available_types())
         raise ConfigError(f"unknown sink type {type_name!r}; known types: {known}", f"{path}.type")
     name = value.get("name")
     if name is not None and (not isinstance(name, str) or not name):
