@@ -61,7 +61,7 @@ def plugin_validator(type_name: str):
         return None
     cls = sink_class(type_name)
     options_cls = getattr(cls, "options_class", None)
-    if options_cls is not None and dataclasses.is_dataclass(options_cls):
+    if isinstance(options_cls, type) and dataclasses.is_dataclass(options_cls):
         from streamtap.config.schema import OptionsValidator
 
         return OptionsValidator(type_name, options_cls)
