@@ -121,20 +121,33 @@ def load_config(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
-def make_sinks(cfg) -> list:
-    from streamtap.sinks.jsonl import JsonlSink
+def make_sinks(cfg, interface: str | None = None) -> list:
+    """One sink object per configured sink (built-ins and entry-point plugins)."""
+    from streamtap.sinks import registry
 
-    sinks = []
-    for sc in cfg.sinks:
-        if sc.type == "jsonl":
-            o = sc.options
-            sinks.append(JsonlSink(o.get("path", "-"), o.get("payload_encoding", "base64"),
-                                   o.get("max_payload")))
-        else:
-            raise UsageError(f"sink type {sc.type!r} is not available in this version")
-    if not sinks:
-        sinks.append(JsonlSink("-"))
-    return sinks
+    try:
+        return [registry.create(sc, interface=interface) for sc in cfg.effective_sinks()]
+    except registry.UnknownSinkType as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"sink options: {e}") from None
+
+
+class SinkFailure(Exception):
+    """A sink refused a batch (offline runs stop on it: exit 1)."""
+
+
+def write_all(sinks: list, streams: list) -> None:
+    """Offline delivery is synchronous: a batch tool should fail loudly and at once. (The
+    daemon puts a SinkRunner with retries and a disk spool in front of each sink instead.)"""
+    from streamtap.sinks.base import OK
+
+    for sink in sinks:
+        res = sink.write(streams)
+        if res is not None and res.status != OK:
+            if "broken pipe" in (res.error or ""):
+                raise BrokenPipeError(res.error)
+            raise SinkFailure(f"sink {sink.name}: {res.error}")
 
 
 def _summary_line(stats: dict[str, Any], elapsed: float) -> str:
@@ -169,8 +182,7 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
 
     def deliver(streams: list) -> None:
         if streams:
-            for s in sinks:
-                s.write(streams)
+            write_all(sinks, streams)
 
     try:
         for s in sinks:
@@ -202,6 +214,9 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
         status = EXIT_RUNTIME
     except BrokenPipeError:
         raise
+    except SinkFailure as e:
+        print(f"streamtap: {e}", file=sys.stderr)
+        status = EXIT_RUNTIME
     except OSError as e:
         # a sink's file: missing directory, permission, full disk
         print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
@@ -214,9 +229,9 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
             deliver(r.flush())
         except BrokenPipeError:
             status = EXIT_OK
-        except OSError as e:
+        except (OSError, SinkFailure) as e:
             if status == EXIT_OK:
-                print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
+                print(f"streamtap: {e}", file=sys.stderr)
                 status = EXIT_RUNTIME
         for s in sinks:
             try:
