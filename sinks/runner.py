@@ -31,11 +31,12 @@ hand itself (that batch may then be delivered twice) and leaves the sink unclose
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from streamtap.stream import Stream
@@ -449,3 +450,40 @@ class SinkRunner:
         except Exception as exc:
             out["health_error"] = repr(exc)
         return out
+
+
+class RunnerSink:
+    """A sink seen through its runner, with the plain sink's face (open / write / flush / close /
+    health), so the daemon's supervisor hands streams over without knowing about queues: write
+    never blocks, failures are retried or spooled behind it."""
+
+    def __init__(self, sink: Sink, *, spool_dir: str | None, stop_timeout: float = 5.0,
+                 **runner_args: Any) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.type = sink.type
+        self.stop_timeout = stop_timeout
+        if spool_dir is not None:
+            try:
+                os.makedirs(spool_dir, exist_ok=True)
+            except OSError as e:
+                log.warning("sink %s: no disk spool (%s: %s); records are dropped and counted "
+                            "while the sink is down", sink.name, spool_dir, e.strerror)
+                spool_dir = None
+        self.runner = SinkRunner(sink, spool_dir=spool_dir, **runner_args)
+
+    def open(self) -> None:
+        self.runner.start()
+
+    def write(self, batch: Sequence[Stream]) -> Result:
+        self.runner.submit(list(batch))
+        return Result.ok()
+
+    def flush(self) -> None:
+        """Nothing to do: the runner's thread writes as batches fill or age."""
+
+    def close(self) -> None:
+        self.runner.stop(self.stop_timeout)
+
+    def health(self) -> dict[str, Any]:
+        return self.runner.stats()

@@ -1,0 +1,96 @@
+"""`streamtap -i IFACE`: the live daemon (logging, sinks, control server, supervisor).
+
+Exit codes: 0 stopped (SIGTERM/SIGINT, or -c COUNT reached), 1 runtime failure (capture cannot
+open: missing interface, no permission; a sink that cannot open), 2 bad filter or config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+from . import logs
+from .notify import Notifier
+from .supervisor import EXIT_RUNTIME, Supervisor
+
+log = logging.getLogger("streamtap.live")
+
+
+def runtime_dir() -> str:
+    return os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/streamtap"
+
+
+def control_socket_path(args: Any, cfg: Any, interface: str) -> str:
+    """--control-socket, else control.socket, else <runtime>/<iface>.sock."""
+    return (getattr(args, "control_socket", None) or cfg.control.socket
+            or os.path.join(runtime_dir(), f"{interface}.sock"))
+
+
+def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
+    """The control API, or None (logged) when it cannot start: capture matters more."""
+    try:
+        from .control import ControlServer
+    except ImportError as e:
+        log.warning("control API unavailable: %s", e)
+        return None
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        server = ControlServer(path, listen=cfg.control.listen,
+                               ingest_dirs=cfg.control.ingest_dirs, state=sup.state,
+                               deliver=sup.deliver, config=lambda: sup.cfg)
+        server.start()
+    except Exception as e:
+        log.warning("control API on %s not started: %s", path, e)
+        return None
+    return server
+
+
+def state_dir() -> str:
+    """$STATE_DIRECTORY (systemd StateDirectory=) else /var/lib/streamtap (DESIGN)."""
+    return (os.environ.get("STATE_DIRECTORY") or "").split(":")[0] or "/var/lib/streamtap"
+
+
+def make_daemon_sinks(cfg: Any, interface: str | None) -> list:
+    """Every configured sink behind its own runner (queue, retries, disk spool under
+    <state>/<iface>/spool/<sink>/), so a slow or dead sink never stalls capture."""
+    from streamtap.sinks.runner import RunnerSink
+
+    from .cli import make_sinks
+
+    sinks = make_sinks(cfg, interface)
+    seen: dict[str, int] = {}
+    for sink in sinks:  # two sinks of one type need two spools
+        n = seen[sink.name] = seen.get(sink.name, 0) + 1
+        if n > 1:
+            sink.name = f"{sink.name}-{n}"
+    timeout = max(1.0, cfg.capture.shutdown_timeout / 2)
+    root = os.path.join(state_dir(), interface or "offline", "spool")
+    return [RunnerSink(s, spool_dir=os.path.join(root, s.name), stop_timeout=timeout)
+            for s in sinks]
+
+
+def run_live(args: Any, cfg: Any) -> int:
+    def make_sinks(c: Any) -> list:
+        return make_daemon_sinks(c, interface)
+
+    interface = getattr(args, "interface", None) or cfg.capture.interface
+    logs.setup(cfg, verbose=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
+               interface=interface)
+    sinks = make_sinks(cfg)
+    try:
+        for s in sinks:
+            s.open()
+    except OSError as e:
+        log.error("sink %s: %s", e.filename or "output", e.strerror)
+        return EXIT_RUNTIME
+    sup = Supervisor(cfg, args, sinks=sinks, interface=interface, notifier=Notifier(),
+                     make_sinks=make_sinks)
+    control = start_control(control_socket_path(args, cfg, interface), cfg, sup)
+    try:
+        return sup.run()
+    finally:
+        if control is not None:
+            with contextlib.suppress(Exception):
+                control.stop()

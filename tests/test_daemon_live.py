@@ -1,0 +1,338 @@
+"""The live daemon end to end: real TCP between two network namespaces, real sd_notify socket.
+
+Needs root (namespaces, AF_PACKET). The daemon runs as `ip netns exec NS_A streamtap -i VETH_A`
+with NOTIFY_SOCKET pointing at a datagram socket bound here (SO_PASSCRED: every message must come
+from the daemon's own pid) and WATCHDOG_USEC=2 s; traffic comes from tests/netns.py's client
+(in NS_A) and server (in NS_B), whose SHA-256 of every byte sent and received is the oracle.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.client
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import netns  # noqa: E402
+
+STREAMTAP = str(Path(sys.executable).with_name("streamtap"))
+MIB = 1 << 20
+HAVE_CONTROL = importlib.util.find_spec("streamtap.control") is not None
+
+pytestmark = pytest.mark.skipif(netns.available() is not None,
+                                reason=str(netns.available()))
+
+
+@pytest.fixture(scope="module")
+def net():
+    with netns.VethPair() as n:
+        n.server = n.start_server()
+        yield n
+
+
+class Daemon:
+    """One `streamtap -i` run inside net.ns_a, with its notify socket, JSONL file and stderr."""
+
+    def __init__(self, net, tmp: Path, *extra: str, workers: int = 1,
+                 iface: str | None = None, env: dict | None = None) -> None:
+        self.net = net
+        self.out = tmp / "streams.jsonl"
+        self.sock = tmp / "ctl.sock"
+        self.err_path = tmp / "stderr.txt"
+        self.notify_path = str(tmp / "notify.sock")
+        self.ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.ns.bind(self.notify_path)
+        self.msgs: list[tuple[int, str]] = []
+        self.ns.settimeout(0.1)
+        self._closing = False
+        self._thread = threading.Thread(target=self._reader, daemon=True)
+        self._thread.start()
+        self.err = open(self.err_path, "w")  # noqa: SIM115
+        argv = [STREAMTAP, "-i", iface or net.veth_a, "--workers", str(workers),
+                "--sink", f"jsonl:{self.out}", "--control-socket", str(self.sock), *extra]
+        e = dict(os.environ, NOTIFY_SOCKET=self.notify_path, WATCHDOG_USEC="2000000",
+                 STATE_DIRECTORY=str(tmp / "state"))
+        e.pop("JOURNAL_STREAM", None)
+        e.update(env or {})
+        self.proc = net.popen(net.ns_a, argv, env=e, stdout=subprocess.DEVNULL,
+                              stderr=self.err)
+        self.pid = self.proc.pid
+
+    # -- sd_notify -------------------------------------------------------------------------
+
+    def _reader(self) -> None:
+        # read continuously, as systemd does: a fresh netns has net.unix.max_dgram_qlen = 10,
+        # and a full queue blocks the daemon's sd_notify (libsystemd sends blocking)
+        while not self._closing:
+            try:
+                data, anc, _f, _a = self.ns.recvmsg(4096, socket.CMSG_SPACE(12))
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return
+            pid = -1
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("=iII", cdata[:12])[0]
+            for line in data.decode().splitlines():
+                self.msgs.append((pid, line))
+
+    def pump(self, timeout: float = 0.0) -> None:
+        time.sleep(timeout)
+
+    def lines(self) -> list[str]:
+        return [m for _p, m in self.msgs]
+
+    def wait_msg(self, prefix: str, timeout: float = 10.0, after: int = 0) -> int:
+        """Index of the first message starting with `prefix` at index >= after."""
+        end = time.monotonic() + timeout
+        while True:
+            self.pump(0.05)
+            for i, (_p, m) in enumerate(list(self.msgs)[after:], after):
+                if m.startswith(prefix):
+                    return i
+            if time.monotonic() > end or self.proc.poll() is not None:
+                raise AssertionError(f"no {prefix!r} in {self.lines()}; stderr: {self.stderr()}")
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def stderr(self) -> str:
+        self.err.flush()
+        return self.err_path.read_text()
+
+    def records(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        out = []
+        for line in self.out.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_records(self, n: int, timeout: float = 20.0) -> list[dict]:
+        netns.wait_for(lambda: len(self.records()) >= n, timeout, every=0.2)
+        return self.records()
+
+    def status(self) -> dict | None:
+        """GET /status over the control socket, None when the control API is not there."""
+        if not HAVE_CONTROL:
+            return None
+        assert netns.wait_for(self.sock.exists, 5), self.stderr()
+
+        class Conn(http.client.HTTPConnection):
+            def connect(conn):  # noqa: N805
+                conn.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.sock.settimeout(5)
+                conn.sock.connect(str(self.sock))
+
+        c = Conn("localhost")
+        try:
+            c.request("GET", "/status")
+            r = c.getresponse()
+            return json.loads(r.read()) if r.status == 200 else None
+        finally:
+            c.close()
+
+    def children(self) -> list[int]:
+        out = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{task}/children") as fh:
+                    out.extend(int(x) for x in fh.read().split())
+        return sorted(out)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.pump(0.1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._closing = True
+        self._thread.join(2)
+        self.ns.close()
+        self.err.close()
+
+
+@pytest.fixture
+def daemon(net, tmp_path):
+    started: list[Daemon] = []
+
+    def start(*extra: str, **kw) -> Daemon:
+        d = Daemon(net, tmp_path, *extra, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.close()
+
+
+def sha(rec_side: dict) -> str:
+    return hashlib.sha256(base64.b64decode(rec_side.get("payload") or "")).hexdigest()
+
+
+def assert_exact(results: list[dict], records: list[dict]) -> None:
+    """Every connection the client made is in the records exactly once, byte for byte."""
+    for c in results:
+        key = (c["ip"], c["port"])
+        recs = [r for r in records if r["source"]["port"] == c["port"]
+                and (":" in r["destination"]["ip"]) == (":" in c["ip"])]
+        assert len(recs) == 1, (key, len(recs))
+        r = recs[0]
+        assert r["destination"]["port"] == 5000, key
+        assert r["source"]["bytes"] == c["sent_len"], key
+        assert r["destination"]["bytes"] == c["recv_len"], key
+        assert sha(r["source"]) == c["sent"], key
+        assert sha(r["destination"]) == c["recv"], key
+        assert r["tcp"]["missed_bytes"] == 0, key
+
+
+def mix(net, n: int, big: int = 0, seed: int = 7) -> list[tuple[str, int, int]]:
+    rnd = random.Random(seed)
+    conns = [(net.ip4_b if i % 2 else net.ip6_b, rnd.randint(8, 40_000), rnd.randint(0, 60_000))
+             for i in range(n)]
+    for i in range(big):
+        conns.append((net.ip4_b if i % 2 else net.ip6_b, MIB, MIB - i * 1000))
+    return conns
+
+
+def assert_from_daemon_pid(d: Daemon) -> None:
+    d.pump(0.1)
+    assert d.msgs and all(pid == d.pid for pid, _m in d.msgs), d.msgs[:5]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_capture_ipv4_ipv6_exact_bytes_and_notify(daemon, net):
+    d = daemon()
+    d.wait_msg("READY=1")
+    d.wait_msg("WATCHDOG=1", timeout=3)
+    results = net.run_client(mix(net, 216, big=4), parallel=8, timeout=90)
+    assert len(results) == 220 and sum(r["recv_len"] for r in results) > 4 * MIB
+    records = d.wait_records(len(results))
+    assert_exact(results, records)
+    assert all(r["tcp"]["close_reason"] == "fin" for r in records)
+    assert {r["network"]["type"] for r in records} == {"ipv4", "ipv6"}
+    d.wait_msg("STATUS=", timeout=8)
+    st = d.status()
+    if st is not None:
+        assert st["packets"] > 0 and st["interface"] == net.veth_a
+    assert d.stop() == 0
+    lines = d.lines()
+    assert lines.count("READY=1") == 1 and lines[-1] == "STOPPING=1"
+    assert any("packets/s" in m for m in lines if m.startswith("STATUS="))
+    assert_from_daemon_pid(d)
+    assert len(d.records()) == len(results)  # nothing more, nothing twice
+
+
+def test_sighup_spanning_stream_once_and_sigterm_flushes_open_one(daemon, net, tmp_path):
+    conf = tmp_path / "conf.yaml"
+    conf.write_text("capture:\n  filter: tcp\n")
+    d = daemon("--config", str(conf))
+    d.wait_msg("READY=1")
+    spanning = net.client_popen([(net.ip4_b, 30_000, 50_000), (net.ip6_b, 200_000, 1000)],
+                                hold=2.0)
+    time.sleep(0.8)
+    # a valid reload, with a changed filter, while both connections are open
+    conf.write_text("capture:\n  filter: tcp port 5000\n")
+    d.proc.send_signal(signal.SIGHUP)
+    i = d.wait_msg("RELOADING=1")
+    d.wait_msg("READY=1", after=i)
+    out, _ = spanning.communicate(timeout=30)
+    results = json.loads(out)
+    records = d.wait_records(2)
+    assert_exact(results, records)
+    # an invalid config on SIGHUP: logged, the old one (and capture) keep going
+    conf.write_text("capture:\n  snaplen: lots\n")
+    n_msgs = len(d.lines())
+    d.proc.send_signal(signal.SIGHUP)
+    assert netns.wait_for(lambda: "keeping the running configuration" in d.stderr(), 5)
+    assert not any(m.startswith("RELOADING") for m in d.lines()[n_msgs:])
+    # a connection still open at SIGTERM: flushed with close_reason "shutdown"
+    payload = (0).to_bytes(8, "big") + bytes(range(256)) * 400
+    holder = net.python(net.ns_a, (
+        "import socket, sys, time\n"
+        f"s = socket.create_connection(({net.ip4_b!r}, 5000))\n"
+        "s.sendall((0).to_bytes(8, 'big') + bytes(range(256)) * 400)\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "time.sleep(60)\n"), stdout=subprocess.PIPE, text=True)
+    port = int(holder.stdout.readline())
+    time.sleep(0.8)
+    t0 = time.monotonic()
+    assert d.stop() == 0
+    assert time.monotonic() - t0 < 10
+    holder.kill()
+    recs = [r for r in d.records() if r["source"]["port"] == port]
+    assert len(recs) == 1
+    assert recs[0]["tcp"]["close_reason"] == "shutdown"
+    assert base64.b64decode(recs[0]["source"]["payload"]) == payload
+    assert len(d.records()) == 3
+    lines = d.lines()
+    assert lines[-1] == "STOPPING=1"
+    assert_from_daemon_pid(d)
+
+
+def test_two_workers_survive_kill_9(daemon, net):
+    d = daemon(workers=2)
+    d.wait_msg("READY=1")
+    kids = d.children()
+    st = d.status()
+    if st is not None:
+        kids = [w["pid"] for w in st["workers"]]
+    assert len(kids) == 2, kids
+    before = net.run_client(mix(net, 20, seed=1), parallel=4)
+    d.wait_records(len(before))
+    os.kill(kids[1], signal.SIGKILL)
+    assert netns.wait_for(lambda: d.stderr().count("worker 1 capturing on") >= 2, 10), d.stderr()
+    new_kids = d.children()
+    assert len(new_kids) == 2 and kids[1] not in new_kids and kids[0] in new_kids
+    time.sleep(0.3)
+    after = net.run_client(mix(net, 40, seed=2), parallel=4)
+    records = d.wait_records(len(before) + len(after))
+    assert_exact(before + after, records)
+    st = d.status()
+    if st is not None:
+        assert st["worker_restarts"] == 1
+        assert all(w["alive"] for w in st["workers"])
+    assert "restarting worker 1 (restart #1)" in d.stderr()
+    assert d.stop() == 0
+    assert_from_daemon_pid(d)
+    assert d.lines().count("READY=1") == 1
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_missing_interface_exits_1(daemon, workers):
+    d = daemon(workers=workers, iface="nosuchdev0")
+    assert d.proc.wait(15) == 1
+    assert "nosuchdev0" in d.stderr()
+    assert "READY=1" not in d.lines()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_filter_exits_2(daemon, workers):
+    d = daemon("tcp", "port", "nonsense", workers=workers)
+    assert d.proc.wait(15) == 2
+    assert "filter" in d.stderr().lower()
+    assert "READY=1" not in d.lines()
