@@ -5,7 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv tshark tcpflow tcpreplay iproute2
 SAMPLE := build/sample.pcap
-PCAP ?= $(SAMPLE)
+# `make run` captures live on the interface of the default route (IFACE= to choose);
+# `make run PCAP=file` reads a capture instead (PCAP=sample: a small built sample).
+IFACE ?= $(shell ip route show default 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($$i == "dev") {print $$(i+1); exit}}')
+PCAP ?=
 ARGS ?=
 
 .PHONY: run test deps apt venv lint typecheck bench clean
@@ -31,8 +34,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-run: deps $(if $(filter $(SAMPLE),$(PCAP)),$(SAMPLE))
+run: deps
+ifeq ($(PCAP),sample)
+	$(MAKE) --no-print-directory $(SAMPLE)
+	$(VENV)/bin/streamtap -r $(SAMPLE) $(ARGS)
+else ifneq ($(PCAP),)
 	$(VENV)/bin/streamtap -r $(PCAP) $(ARGS)
+else
+	@test -n "$(IFACE)" || { echo "make run: no default route; give IFACE=name or PCAP=file" >&2; exit 2; }
+	$(VENV)/bin/streamtap -i $(IFACE) --config config/default.yaml $(ARGS)
+endif
 
 # the sample is built, not shipped: a handful of scripted connections (tests/sample.py)
 $(SAMPLE): tests/sample.py tests/pcapbuild.py
