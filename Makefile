@@ -49,7 +49,15 @@ endif
 $(SAMPLE): tests/sample.py tests/pcapbuild.py
 	$(PY) tests/sample.py $@
 
-test: deps
+# CouchDB-compatible server for the CouchDB sink tests (CouchDB is not in Debian's archive)
+POUCHDB := build/node/node_modules/.bin/pouchdb-server
+$(POUCHDB):
+	@command -v npm >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends nodejs npm; }
+	npm install --silent --no-audit --no-fund --prefix build/node pouchdb-server@4
+	@test -x $@ && touch $@
+
+test: deps $(POUCHDB)
 	$(VENV)/bin/ruff check .
 	$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest -q
@@ -57,7 +65,8 @@ test: deps
 # mypy does not follow package-dir, so it checks a throwaway non-editable install (DESIGN)
 typecheck: venv
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	$(PY) -m pip install -q --no-deps --target "$$tmp/site" . >/dev/null && rm -rf build && \
+	$(PY) -m pip install -q --no-deps --target "$$tmp/site" . >/dev/null && \
+	rm -rf build/lib build/bdist.* && \
 	cd "$$tmp/site" && $(CURDIR)/$(VENV)/bin/mypy -p streamtap --ignore-missing-imports
 
 lint: venv

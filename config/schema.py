@@ -424,6 +424,20 @@ class CouchdbOptions:
 
     url: str = setting(check=_http_url, help="Server URL, e.g. http://127.0.0.1:5984 (required).")
     database: str = setting("streamtap", check=_couchdb_name, help="Database name.")
+    username: str | None = setting(
+        None, help="null = from the URL, else $STREAMTAP_COUCHDB_USER (never logged)."
+    )
+    password: str | None = setting(
+        None, help="null = from the URL, else $STREAMTAP_COUCHDB_PASSWORD (never logged; prefer "
+        "the environment, e.g. the unit's EnvironmentFile)."
+    )
+    timeout: float = setting(30.0, unit="duration", positive=True, help="HTTP request timeout.")
+    max_attachment: int = setting(
+        1 * MIB, unit="size", help="Payload bytes attached per direction; 0 = unlimited."
+    )
+    batch_docs: int = setting(500, positive=True, help="Documents per _bulk_docs request.")
+    batch_bytes: int = setting(4 * MIB, unit="size", positive=True,
+                               help="Bytes per _bulk_docs request.")
 
 
 SinkValidator = Callable[[Mapping[str, Any], str], Mapping[str, Any]]

@@ -290,6 +290,12 @@ class SinkRunner:
                     self.sink.open()
                 except OSError as exc:
                     return Result.retry(None, f"open: {exc}")
+                except Exception as exc:
+                    # e.g. CouchDB refusing the credentials: nothing was sent, so keep the
+                    # records (queue, then spool) and retry with backoff until the operator
+                    # fixes it, rather than dropping every batch as failed
+                    log.error("sink %s: open failed: %s", getattr(self.sink, "name", "?"), exc)
+                    return Result.retry(None, f"open: {exc}")
                 self._opened = True
             try:
                 res = self.sink.write(batch)
