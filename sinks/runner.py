@@ -452,7 +452,10 @@ class SinkRunner:
             "spool_corrupt": spool.corrupt_records if spool is not None else 0,
         }
         try:
-            out.update(self.sink.health())
+            # the sink's own details never replace the runner's counts (a JSONL sink reports
+            # "records" too, as a plain number)
+            for key, value in self.sink.health().items():
+                out.setdefault(key, value)
         except Exception as exc:
             out["health_error"] = repr(exc)
         return out

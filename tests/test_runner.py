@@ -371,3 +371,22 @@ def test_backoff_full_jitter_bounds(base, cap):
     assert [backoff_full_jitter(base, cap, n, top) for n in range(3)] == [
         min(cap, base), min(cap, 2 * base), min(cap, 4 * base)]
     assert backoff_full_jitter(base, cap, 10_000, top) == cap  # no overflow
+
+
+def test_stats_keep_runner_counts_when_the_sink_reports_same_keys() -> None:
+    from streamtap.sinks.base import Result, Sink
+    from streamtap.sinks.runner import SinkRunner
+
+    class Clashing(Sink):
+        type = "clash"
+
+        def write(self, batch):
+            return Result.ok()
+
+        def health(self):
+            return {"records": 7, "healthy": "maybe", "path": "/x"}
+
+    r = SinkRunner(Clashing("c", {}), spool_dir=None)
+    st = r.stats()
+    assert isinstance(st["records"], dict) and st["records"]["ok"] == 0
+    assert st["healthy"] is True and st["path"] == "/x"
