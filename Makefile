@@ -3,7 +3,8 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv tshark tcpflow tcpreplay iproute2
+APT_PACKAGES := libsystemd-dev pkg-config gcc python3-dev python3-venv tshark tcpflow tcpreplay \
+	iproute2 systemd util-linux ethtool
 SAMPLE := build/sample.pcap
 # `make run` captures live on the interface of the default route (IFACE= to choose);
 # `make run PCAP=file` reads a capture instead (PCAP=sample: a small built sample).
@@ -11,7 +12,7 @@ IFACE ?= $(shell ip route show default 2>/dev/null | awk '{for (i = 1; i < NF; i
 PCAP ?=
 ARGS ?=
 
-.PHONY: run test deps apt venv lint typecheck bench clean
+.PHONY: run test deps apt venv lint typecheck bench clean install uninstall
 
 deps: apt venv
 
@@ -74,6 +75,13 @@ lint: venv
 
 bench: deps
 	$(PY) bench/offline.py
+
+# the service: a venv in /opt/streamtap, the unit, the user, example configs (idempotent)
+install: apt
+	packaging/install.sh
+
+uninstall:
+	packaging/uninstall.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,7 +1,8 @@
 """`streamtap -i IFACE`: the live daemon (logging, sinks, control server, supervisor).
 
 Exit codes: 0 stopped (SIGTERM/SIGINT, or -c COUNT reached), 1 runtime failure (capture cannot
-open: missing interface, no permission; a sink that cannot open), 2 bad filter or config.
+open: missing interface, no permission), 2 bad filter or config. A sink that cannot open does
+not stop the daemon: its runner retries with backoff and spools the records meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from . import logs
 from .notify import Notifier
-from .supervisor import EXIT_RUNTIME, Supervisor
+from .supervisor import Supervisor
 
 log = logging.getLogger("streamtap.live")
 
@@ -79,12 +80,8 @@ def run_live(args: Any, cfg: Any) -> int:
     logs.setup(cfg, verbose=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
                interface=interface)
     sinks = make_sinks(cfg)
-    try:
-        for s in sinks:
-            s.open()
-    except OSError as e:
-        log.error("sink %s: %s", e.filename or "output", e.strerror)
-        return EXIT_RUNTIME
+    for s in sinks:
+        s.open()  # starts the sink's runner thread; the sink itself opens lazily
     sup = Supervisor(cfg, args, sinks=sinks, interface=interface, notifier=Notifier(),
                      make_sinks=make_sinks)
     control = start_control(control_socket_path(args, cfg, interface), cfg, sup)
