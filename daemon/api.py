@@ -51,7 +51,7 @@ class Reassembler:
         `keep_packets` cannot change on a live table (open flows have no packet list): the old
         value stays until restart. Pending IP fragments keep their old settings.
         """
-        from .flowtable import CLOSED, CLOSING, ESTABLISHED, HANDSHAKE, UNLIMITED
+        from .flowtable import CLOSED
 
         cfg = _load_config(config)
         t = self.table
@@ -59,15 +59,8 @@ class Reassembler:
         if lim.keep_packets != t.limits.keep_packets:
             lim = dataclasses.replace(lim, keep_packets=t.limits.keep_packets)
         self.config = cfg
-        self.limits = t.limits = lim
-        t.ooo_limit = lim.ooo_bytes or UNLIMITED
-        t.mem_cap = lim.memory or UNLIMITED
-        t.max_flows = lim.max_flows or UNLIMITED
-        t.depth = lim.depth or UNLIMITED
-        t.last = lim.overlap == "last"
-        t.timeouts = {
-            HANDSHAKE: lim.handshake, ESTABLISHED: lim.established, CLOSING: lim.closing,
-        }
+        self.limits = lim
+        t.set_limits(lim)
         for h in list(t.flows.values()):
             f = h.flow
             if h.is_client and f.state != CLOSED:

@@ -121,6 +121,18 @@ class FlowTable:
         self.nflows = 0
         self.mem = 0                 # bytes held in every buffer of this table (Zeek's total_size)
         self.gap_bytes = 0
+        self.set_limits(lim)
+        self.wheel: TimerWheel | None = None
+        self.now = float("-inf")
+        self._next_advance = float("-inf")
+        self.stats: Counter[str] = Counter()
+        self.linktype = 1
+
+    def set_limits(self, lim: Limits) -> None:
+        """Derive the values the hot path reads (0 = unlimited) from `lim`. Called again on a
+        reload: open flows get the new timeouts as their state next changes (or now, via
+        `Reassembler.reconfigure`); new flows get the new depth."""
+        self.limits = lim
         self.ooo_limit = lim.ooo_bytes or UNLIMITED
         self.mem_cap = lim.memory or UNLIMITED
         self.max_flows = lim.max_flows or UNLIMITED
@@ -129,11 +141,6 @@ class FlowTable:
         self.timeouts = {
             HANDSHAKE: lim.handshake, ESTABLISHED: lim.established, CLOSING: lim.closing,
         }
-        self.wheel: TimerWheel | None = None
-        self.now = float("-inf")
-        self._next_advance = float("-inf")
-        self.stats: Counter[str] = Counter()
-        self.linktype = 1
 
     def _collect(self, s: Stream) -> None:
         self.done.append(s)
