@@ -113,7 +113,7 @@ python3-dev, libsystemd-dev)"
     changed=1
 fi
 install_file "$here/streamtap-service" "$PREFIX/bin/streamtap-service" 0755 || true
-install_file "$here/README-service.md" "$PREFIX/README-service.md" 0644 || true
+install_file "$here/../README.md" "$PREFIX/README.md" 0644 || true
 
 # -- 2. unit, sysusers, tmpfiles ------------------------------------------------------------
 if install_file "$here/streamtap@.service" "$UNITDIR/streamtap@.service" 0644; then
