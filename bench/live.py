@@ -28,13 +28,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue as queue_mod
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import machine  # bench/machine.py: the scripts run from bench/
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -52,19 +53,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime (fields 14, 15)
-
-
-def machine() -> str:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model or platform.processor()}, {os.cpu_count()} cores, Linux {platform.release()}"
 
 
 def ensure_pcap(path: Path) -> None:
@@ -247,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     for nw in {r["workers"] for r in results}:
         ok = [r["achieved_pps"] for r in results if r["workers"] == nw and r["kernel_drops"] == 0]
         best[nw] = max(ok) if ok else 0
+    host = machine.machine_line()
     if args.json:
-        print(json.dumps({"machine": machine(), "capture": str(args.pcap), "packets": total,
+        print(json.dumps({"machine": host, "capture": str(args.pcap), "packets": total,
                           "buffer": args.buffer, "results": results, "best_zero_drop_pps": best},
                          indent=1))
     else:
         print()
-        print(f"machine: {machine()}; ring {args.buffer} per handle; capture {args.pcap} "
+        print(f"machine: {host}; ring {args.buffer} per handle; capture {args.pcap} "
               f"({total} packets); {time.monotonic() - t_start:.0f} s")
         for nw, pps in sorted(best.items()):
             print(f"highest achieved rate with 0 kernel drops, {nw} worker(s): {pps:,.0f} pps")

@@ -12,10 +12,8 @@ go to tmpfs (/dev/shm), so the ratio measures reassembly, not disks. See bench/R
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -24,6 +22,8 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import machine  # bench/machine.py: the scripts run from bench/
 
 HERE = Path(__file__).resolve().parent
 TMPFS = "/dev/shm"
@@ -236,34 +236,12 @@ def _capinfos_packets(path: str) -> int | None:
 
 
 def machine_figures() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     try:
         tcpflow = subprocess.run(["tcpflow", "-V"], capture_output=True, text=True).stdout.strip()
     except OSError:
         tcpflow = "not found"
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": affinity,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "tcpflow": tcpflow or "unknown",
-        "streamtap": _streamtap_version(),
-        "tmpfs": TMPFS,
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    return {**machine.machine_figures(), "tcpflow": tcpflow or "unknown",
+            "streamtap": _streamtap_version(), "tmpfs": TMPFS}
 
 
 def _streamtap_version() -> str:

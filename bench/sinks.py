@@ -13,10 +13,8 @@ for the on-disk spool) that is removed afterwards. See bench/README.md ("Sinks")
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import machine  # bench/machine.py: the scripts run from bench/
 
 import streamtap
 import streamtap.config
@@ -240,28 +240,8 @@ def bench_runner(streams: list[Stream], repeat: int) -> Result:
 # -- machine, capture, report ------------------------------------------------------------------
 
 def machine_figures() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "streamtap": getattr(streamtap, "__version__", "unknown"),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    return {**machine.machine_figures(),
+            "streamtap": getattr(streamtap, "__version__", "unknown")}
 
 
 def load_streams(pcap: str) -> tuple[list[Stream], float]:
