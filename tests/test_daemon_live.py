@@ -18,10 +18,8 @@ import os
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # noqa: E402
+from notifysock import NotifySocket  # noqa: E402
 
 STREAMTAP = str(Path(sys.executable).with_name("streamtap"))
 MIB = 1 << 20
@@ -55,14 +54,8 @@ class Daemon:
         self.sock = tmp / "ctl.sock"
         self.err_path = tmp / "stderr.txt"
         self.notify_path = str(tmp / "notify.sock")
-        self.ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.ns.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.ns.bind(self.notify_path)
-        self.msgs: list[tuple[int, str]] = []
-        self.ns.settimeout(0.1)
-        self._closing = False
-        self._thread = threading.Thread(target=self._reader, daemon=True)
-        self._thread.start()
+        self.notify = NotifySocket(self.notify_path)
+        self.msgs = self.notify.msgs
         self.err = open(self.err_path, "w")  # noqa: SIM115
         argv = [STREAMTAP, "-i", iface or net.veth_a, "--workers", str(workers),
                 "--sink", f"jsonl:{self.out}", "--control-socket", str(self.sock), *extra]
@@ -74,24 +67,7 @@ class Daemon:
                               stderr=self.err)
         self.pid = self.proc.pid
 
-    # -- sd_notify -------------------------------------------------------------------------
-
-    def _reader(self) -> None:
-        # read continuously, as systemd does: a fresh netns has net.unix.max_dgram_qlen = 10,
-        # and a full queue blocks the daemon's sd_notify (libsystemd sends blocking)
-        while not self._closing:
-            try:
-                data, anc, _f, _a = self.ns.recvmsg(4096, socket.CMSG_SPACE(12))
-            except (TimeoutError, BlockingIOError):
-                continue
-            except OSError:
-                return
-            pid = -1
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("=iII", cdata[:12])[0]
-            for line in data.decode().splitlines():
-                self.msgs.append((pid, line))
+    # -- sd_notify ---------------------------------------------------------------------------
 
     def pump(self, timeout: float = 0.0) -> None:
         time.sleep(timeout)
@@ -168,9 +144,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
-        self._closing = True
-        self._thread.join(2)
-        self.ns.close()
+        self.notify.close()
         self.err.close()
 
 

@@ -27,12 +27,9 @@ import pwd
 import shlex
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,6 +37,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # noqa: E402
+from notifysock import NotifySocket  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PKG = REPO / "packaging"
@@ -220,48 +218,16 @@ def test_install_then_again_changes_nothing(inst):
 # --------------------------------------------------------------------------- service mode
 
 
-class Notify:
-    """A NOTIFY_SOCKET as systemd binds it: datagrams with the sender's credentials."""
+class Notify(NotifySocket):
+    """The service's NOTIFY_SOCKET; the service user must be able to send to it."""
 
     def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o777)  # the service user sends to it
-        self.sock.settimeout(0.1)
-        self.msgs: list[tuple[int, str]] = []
-        self._stop = False
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self) -> None:
-        while not self._stop:
-            try:
-                data, anc, _f, _a = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            except (TimeoutError, BlockingIOError):
-                continue
-            except OSError:
-                return
-            pid = -1
-            for level, kind, cdata in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("=iII", cdata[:12])[0]
-            for line in data.decode().splitlines():
-                self.msgs.append((pid, line))
-
-    def lines(self) -> list[str]:
-        return [m for _p, m in self.msgs]
+        super().__init__(path, mode=0o777)
 
     def wait(self, prefix: str, proc: subprocess.Popen, timeout: float = 15) -> None:
         ok = netns.wait_for(lambda: any(m.startswith(prefix) for m in self.lines())
                             or proc.poll() is not None, timeout)
         assert ok and any(m.startswith(prefix) for m in self.lines()), (prefix, self.lines())
-
-    def close(self) -> None:
-        self._stop = True
-        self._t.join(2)
-        self.sock.close()
 
 
 def _mdwe_supported() -> bool:
