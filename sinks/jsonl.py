@@ -30,9 +30,7 @@ open() or write(). A broken pipe on stdout is ``Result.fatal``; a record that ca
 encoded is ``Result.fatal``.
 
 Construction: ``JsonlSink(name, options, *, interface=None, state_dir=None)`` (the sink
-contract), or the older ``JsonlSink(path, payload_encoding, max_payload)`` (positional, kept
-for `daemon/cli.py`): that form raises OSError from write() instead of returning a retry, as
-the old class did, and treats max_payload None or 0 as "no cap".
+contract); options missing from ``options`` take their defaults.
 """
 
 from __future__ import annotations
@@ -97,24 +95,13 @@ class JsonlSink(Sink):
     def __init__(
         self,
         name: str = "jsonl",
-        options: Mapping[str, Any] | str | None = None,
-        max_payload: int | None = None,
+        options: Mapping[str, Any] | None = None,
         *,
         interface: str | None = None,
         state_dir: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        legacy = not isinstance(options, Mapping)
-        if legacy:
-            # JsonlSink(path, payload_encoding, max_payload): the pre-contract form.
-            opts: dict[str, Any] = {"path": name, "max_payload": max_payload or 0}
-            if options is not None:
-                opts["payload_encoding"] = options
-            name = "jsonl"
-        else:
-            if max_payload is not None:
-                raise TypeError("max_payload goes in options with the (name, options) form")
-            opts = dict(options)  # type: ignore[arg-type]
+        opts = dict(options or {})
         o = _options(opts)
         super().__init__(name, o, interface=interface, state_dir=state_dir)
         self.path: str = o["path"]
@@ -124,7 +111,6 @@ class JsonlSink(Sink):
         self.rotate_seconds: float = o["rotate_seconds"]
         self.compress_rotated: bool = o["compress_rotated"]
         self.fsync: str = o["fsync"]
-        self.raise_errors = legacy
         self._clock = clock
         self._fd: int | None = None
         self._regular = False  # a regular file: rotation, truncation on error and fsync apply
@@ -176,7 +162,7 @@ class JsonlSink(Sink):
             else:
                 chunks = [self._lines(batch)]
         except (ValueError, TypeError) as exc:
-            return self._fail(Result.fatal(f"cannot encode a record: {exc}"), exc)
+            return self._fail(Result.fatal(f"cannot encode a record: {exc}"))
         if self.path == "-":
             return self._write_stdout(b"".join(chunks[0]), len(batch))
         try:
@@ -185,7 +171,7 @@ class JsonlSink(Sink):
             self._maybe_rotate(sum(len(b) for chunk in chunks for b in chunk))
         except OSError as exc:
             self._close_quietly()
-            return self._fail(Result.retry(error=_describe(exc, self.path)), exc)
+            return self._fail(Result.retry(error=_describe(exc, self.path)))
         start = self._size
         try:
             for chunk in chunks:
@@ -197,7 +183,7 @@ class JsonlSink(Sink):
         except OSError as exc:
             self._undo(start)
             self._close_quietly()
-            return self._fail(Result.retry(error=_describe(exc, self.path)), exc)
+            return self._fail(Result.retry(error=_describe(exc, self.path)))
         self.records += len(batch)
         return Result.ok()
 
@@ -232,11 +218,9 @@ class JsonlSink(Sink):
 
     # ------------------------------------------------------------------ internals
 
-    def _fail(self, result: Result, exc: BaseException) -> Result:
+    def _fail(self, result: Result) -> Result:
         self.errors += 1
         self.last_error = result.error
-        if self.raise_errors:
-            raise exc
         return result
 
     def _write_stdout(self, data: bytes, n: int) -> Result:
@@ -249,10 +233,10 @@ class JsonlSink(Sink):
             else:
                 buf.write(data)
             out.flush()
-        except BrokenPipeError as exc:
-            return self._fail(Result.fatal("stdout closed (broken pipe)"), exc)
+        except BrokenPipeError:
+            return self._fail(Result.fatal("stdout closed (broken pipe)"))
         except OSError as exc:
-            return self._fail(Result.retry(error=_describe(exc, "stdout")), exc)
+            return self._fail(Result.retry(error=_describe(exc, "stdout")))
         self.records += n
         self.bytes_written += len(data)
         return Result.ok()

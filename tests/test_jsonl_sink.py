@@ -1,5 +1,5 @@
 """The JSON Lines sink: encodings, payload cap, rotation (size, time), gzip, fsync policies,
-stdout, write errors as retries, and the pre-contract constructor."""
+stdout, write errors as retries."""
 
 from __future__ import annotations
 
@@ -239,19 +239,3 @@ def test_bad_options_are_refused(tmp_path):
                  {"rotate_bytes": -1}):
         with pytest.raises(ValueError):
             JsonlSink("jsonl", opts)
-
-
-def test_legacy_positional_form_still_works_and_raises(tmp_path):
-    path = tmp_path / "old.jsonl"
-    s = JsonlSink(str(path), "hex", None)  # daemon/cli.py's make_sinks today
-    assert (s.name, s.path, s.payload_encoding, s.max_payload) == ("jsonl", str(path), "hex", None)
-    s.open()
-    assert s.write([stream()]).status == OK
-    s.close()
-    assert lines(path)[0]["streamtap"]["payload_encoding"] == "hex"
-    assert JsonlSink("-").path == "-"
-    full = JsonlSink("/dev/full", "base64", 0)
-    full.open()
-    with pytest.raises(OSError):
-        full.write([stream()])
-    full.close()
