@@ -125,6 +125,7 @@ class FlowTable:
         self.wheel: TimerWheel | None = None
         self.now = float("-inf")
         self._next_advance = float("-inf")
+        self._due: list[Flow] = []   # flows whose timeout was already due when set
         self.stats: Counter[str] = Counter()
         self.linktype = 1
 
@@ -372,7 +373,8 @@ class FlowTable:
         if self.wheel is not None and (
             not f.entry.scheduled or deadline < f.entry.deadline
         ) and not self.wheel.schedule(f.entry, deadline):
-            # already due (a zero timeout): the next advance closes it
+            # already due (a zero linger): the next advance closes it
+            self._due.append(f)
             self._next_advance = float("-inf")
 
     def advance(self, now: float) -> None:
@@ -394,9 +396,12 @@ class FlowTable:
                 self._close(f, f.reason if f.state == CLOSED else "timeout")
             else:
                 wheel.schedule(e, deadline)
-        # flows whose timeout was already due when set (see _set_state)
-        for h in [h for h in self.flows.values() if h.is_client and not h.flow.entry.scheduled]:
-            f = h.flow
+        # flows whose timeout was already due when set (see _set_state); a flow closed since,
+        # or scheduled again by a later state change, needs nothing more
+        due, self._due = self._due, []
+        for f in due:
+            if f.c.flow is not f or f.entry.scheduled:
+                continue
             if f.last + f.timeout <= now:
                 self._close(f, f.reason if f.state == CLOSED else "timeout")
             else:

@@ -333,3 +333,13 @@ def test_ipv6_flow() -> None:
     t.flush()
     s = t.done[0]
     assert s.client == ("::1", 5555) and s.ip_version == 6 and s.client_data == b"hi6"
+
+
+def test_zero_linger_closes_at_the_next_advance() -> None:
+    t = FlowTable(Limits(rst_linger=0.0))
+    a = Conn(5, table=t).handshake()
+    a.seg("c", 0, b"bye", ack_rel=0).seg("s", 0, flags="R")
+    assert t.done == []          # the RST's own packet does not close it
+    t.advance(a.ts + 0.001)
+    assert [s.close_reason for s in t.done] == ["rst"] and t.nflows == 0
+    assert t.done[0].client_data == b"bye"
