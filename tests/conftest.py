@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+import require
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires(missing): None, or why the machine cannot run this test (tests/require.py: "
+        "skip loudly, or fail under STREAMTAP_REQUIRE_ALL=1)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for mark in item.iter_markers("requires"):
+        require.need(*mark.args)
 
 
 @pytest.fixture(scope="session")
@@ -15,11 +28,9 @@ def corpus_dir() -> Path:
     """The shared corpus of public captures and their tshark/tcpflow oracles.
 
     A user's clone has no ../shared: the tests that need it skip, loudly. CI sets
-    STREAMTAP_REQUIRE_CORPUS=1, and then a missing corpus is a failure, never a skip.
+    STREAMTAP_REQUIRE_ALL=1, and then a missing corpus is a failure, never a skip.
     """
     if (CORPUS / "README.md").is_file():
         return CORPUS
-    reason = f"corpus not found at {CORPUS}: conformance and differential tests did NOT run"
-    if os.environ.get("STREAMTAP_REQUIRE_CORPUS") == "1":
-        pytest.fail(reason + " (STREAMTAP_REQUIRE_CORPUS=1)")
-    pytest.skip(reason)
+    require.need(f"corpus not found at {CORPUS}: conformance and differential tests")
+    return CORPUS  # not reached: need() skipped or failed

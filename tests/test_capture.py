@@ -14,8 +14,9 @@ from streamtap.capture import CaptureOpenError, LiveHandle, fanout_group_id
 
 sys.path.insert(0, str(Path(__file__).parent))
 import netns  # noqa: E402
+import require  # noqa: E402
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+pytestmark = pytest.mark.requires(netns.available())
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ def test_no_permission_is_exit_code_1_and_says_how_to_grant():
         capture_output=True, text=True, timeout=30,
     )
     if p.returncode != 0 and "setpriv" in p.stderr:
-        pytest.skip(f"setpriv failed: {p.stderr}")
+        require.need(f"setpriv failed: {p.stderr.strip()}")
     assert p.stdout.startswith("1 "), p.stdout + p.stderr
     assert "permission denied" in p.stdout and "CAP_NET_RAW" in p.stdout
     assert "setcap" in p.stdout

@@ -22,6 +22,7 @@ import pytest
 
 from streamtap.sinks.base import FATAL, OK, RETRY
 from streamtap.sinks.couchdb import CouchdbError, CouchdbSink, encode_doc, make_doc, redact_url
+from streamtap.sinks.runner import SinkRunner
 from streamtap.stream import Stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -505,11 +506,10 @@ def test_outage_then_recovery_stores_each_doc_once(tmp_path: Path) -> None:
 
 
 def test_runner_end_to_end_outage(tmp_path: Path) -> None:
-    runner_mod = pytest.importorskip("streamtap.sinks.runner")
     streams = make_streams(200, size=200, seed=8)
     with _server(data_dir=tmp_path / "data") as server:
         sink = sink_for(server.url, "e2e", timeout=5)
-        runner = runner_mod.SinkRunner(
+        runner = SinkRunner(
             sink, spool_dir=str(tmp_path / "spool"), queue_max=40, batch_records=25,
             batch_age=0.05, backoff_base=0.05, backoff_cap=0.2, rng=random.Random(1))
         runner.start()

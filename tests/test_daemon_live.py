@@ -12,7 +12,6 @@ import base64
 import contextlib
 import hashlib
 import http.client
-import importlib.util
 import json
 import os
 import random
@@ -31,10 +30,8 @@ from notifysock import NotifySocket  # noqa: E402
 
 STREAMTAP = str(Path(sys.executable).with_name("streamtap"))
 MIB = 1 << 20
-HAVE_CONTROL = importlib.util.find_spec("streamtap.control") is not None
 
-pytestmark = pytest.mark.skipif(netns.available() is not None,
-                                reason=str(netns.available()))
+pytestmark = pytest.mark.requires(netns.available())
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +102,8 @@ class Daemon:
         netns.wait_for(lambda: len(self.records()) >= n, timeout, every=0.2)
         return self.records()
 
-    def status(self) -> dict | None:
-        """GET /status over the control socket, None when the control API is not there."""
-        if not HAVE_CONTROL:
-            return None
+    def status(self) -> dict:
+        """GET /status over the control socket."""
         assert netns.wait_for(self.sock.exists, 5), self.stderr()
 
         class Conn(http.client.HTTPConnection):
@@ -211,8 +206,7 @@ def test_capture_ipv4_ipv6_exact_bytes_and_notify(daemon, net):
     assert {r["network"]["type"] for r in records} == {"ipv4", "ipv6"}
     d.wait_msg("STATUS=", timeout=8)
     st = d.status()
-    if st is not None:
-        assert st["packets"] > 0 and st["interface"] == net.veth_a
+    assert st["packets"] > 0 and st["interface"] == net.veth_a
     assert d.stop() == 0
     lines = d.lines()
     assert lines.count("READY=1") == 1 and lines[-1] == "STOPPING=1"
@@ -271,10 +265,7 @@ def test_sighup_spanning_stream_once_and_sigterm_flushes_open_one(daemon, net, t
 def test_two_workers_survive_kill_9(daemon, net):
     d = daemon(workers=2)
     d.wait_msg("READY=1")
-    kids = d.children()
-    st = d.status()
-    if st is not None:
-        kids = [w["pid"] for w in st["workers"]]
+    kids = [w["pid"] for w in d.status()["workers"]]
     assert len(kids) == 2, kids
     before = net.run_client(mix(net, 20, seed=1), parallel=4)
     d.wait_records(len(before))
@@ -287,9 +278,8 @@ def test_two_workers_survive_kill_9(daemon, net):
     records = d.wait_records(len(before) + len(after))
     assert_exact(before + after, records)
     st = d.status()
-    if st is not None:
-        assert st["worker_restarts"] == 1
-        assert all(w["alive"] for w in st["workers"])
+    assert st["worker_restarts"] == 1
+    assert all(w["alive"] for w in st["workers"])
     assert "restarting worker 1 (restart #1)" in d.stderr()
     assert d.stop() == 0
     assert_from_daemon_pid(d)

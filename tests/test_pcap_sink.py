@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import require
 from pcapbuild import LINKTYPE_RAW, Conversation, PcapWriter
 
 import streamtap
@@ -28,7 +29,7 @@ from streamtap.sinks.pcap import (
 )
 
 TSHARK = shutil.which("tshark")
-needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed")
+needs_tshark = pytest.mark.requires(require.tool("tshark"))
 
 KEEP = cfgmod.loads("reassembly: {keep_packets: true}")
 

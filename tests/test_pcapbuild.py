@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pcapy
 import pytest
+import require
 from pcapbuild import (
     SEQ_MOD,
     Conversation,
@@ -21,7 +21,7 @@ from pcapbuild import (
     write_pcapng,
 )
 
-needs_tshark = pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+needs_tshark = pytest.mark.requires(require.tool("tshark"))
 
 FIELDS = ["frame.time_epoch", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "tcp.srcport",
           "tcp.dstport", "tcp.seq_raw", "tcp.ack_raw", "tcp.flags", "tcp.payload",
@@ -169,6 +169,7 @@ def test_exact_nanosecond_timestamps(tmp_path: Path) -> None:
     assert pcapy_read(tmp_path / "n.pcap")[0][:2] == (1700001100, 800)
 
 
+@needs_tshark
 def test_pcapng_multiple_interfaces(tmp_path: Path) -> None:
     f_eth = frame("10.0.0.1", "10.0.0.2", 1, 2, 0)
     f_raw = frame("10.0.0.1", "10.0.0.2", 1, 2, 0, linktype=101)
@@ -176,11 +177,10 @@ def test_pcapng_multiple_interfaces(tmp_path: Path) -> None:
         raw_if = w.add_interface(101)
         w.write(1.0, f_eth)
         w.write(2.0, f_raw, interface=raw_if)
-    if shutil.which("tshark"):
-        out = subprocess.run(["tshark", "-r", str(tmp_path / "m.pcapng"), "-T", "fields",
-                              "-e", "frame.interface_id", "-e", "ip.src"],
-                             capture_output=True, text=True, check=True).stdout
-        assert out.split() == ["0", "10.0.0.1", "1", "10.0.0.1"]
+    out = subprocess.run(["tshark", "-r", str(tmp_path / "m.pcapng"), "-T", "fields",
+                          "-e", "frame.interface_id", "-e", "ip.src"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "10.0.0.1", "1", "10.0.0.1"]
 
 
 def test_conversation_bookkeeping() -> None:

@@ -56,7 +56,7 @@ def _skip_reason() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+pytestmark = pytest.mark.requires(_skip_reason())
 
 
 def unit_service_section(path: Path) -> dict[str, list[str]]:

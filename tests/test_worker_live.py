@@ -17,7 +17,7 @@ from streamtap.worker import Worker, worker_process
 sys.path.insert(0, str(Path(__file__).parent))
 import netns  # noqa: E402
 
-pytestmark = pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))
+pytestmark = pytest.mark.requires(netns.available())
 
 FAST = {"reassembly.timeouts.fin_linger": "0.2s", "capture.buffer_size": "16MiB"}
 
