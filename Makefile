@@ -12,7 +12,7 @@ IFACE ?= $(shell ip route show default 2>/dev/null | awk '{for (i = 1; i < NF; i
 PCAP ?=
 ARGS ?=
 
-.PHONY: run test deps apt venv lint typecheck bench clean install uninstall
+.PHONY: run test deps apt venv lint typecheck readme bench clean install uninstall
 
 deps: apt venv
 
@@ -72,6 +72,10 @@ typecheck: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+
+# the README's configuration table, from config/schema.py (tests/test_readme.py checks it)
+readme: venv
+	$(PY) tests/readme_config.py --write
 
 bench: deps
 	$(PY) bench/offline.py
