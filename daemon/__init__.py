@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Reassembler", "Stream", "reassemble", "__version__"]
+__all__ = ["Reassembler", "Stream", "get_streams", "reassemble", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import streamtap.config` (the CLI's first step) does not load the engine.
-    if name in ("Reassembler", "reassemble"):
+    if name in ("Reassembler", "get_streams", "reassemble"):
         from . import api
 
         return getattr(api, name)

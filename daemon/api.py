@@ -1,11 +1,25 @@
-"""The library API: `reassemble()` for a capture file, `Reassembler` to feed packets yourself."""
+"""The library API: `reassemble()` for a capture file, `Reassembler` to feed packets yourself,
+`get_streams()` for code written against the scapy stream extractor.
+
+`get_streams()` shape (the extractor's): ``{"SRC:SPORT ==> DST:DPORT": {SPORT: client_bytes,
+DPORT: server_bytes}}``, SRC the client (who opened the connection), addresses printed as they
+are (an IPv6 address without brackets, as the extractor prints it). Two rules the extractor
+left implicit:
+
+- Port reuse: several connections on one 4-tuple with the same client share a key; each
+  direction's value is their bytes concatenated in the order the connections started. That is
+  what the extractor's dict, filled packet by packet under one key, effectively gave, and no byte
+  is dropped; `reassemble()` keeps the connections apart.
+- Equal ports (SPORT == DPORT): the dict can hold one entry, so it holds the client's bytes
+  followed by the server's, rather than silently keeping one direction.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from .decode import Decoder
@@ -40,7 +54,9 @@ class Reassembler:
         self.limits = Limits.from_config(cfg)
         self.table = FlowTable(self.limits, interface=interface)
         self._decoders: dict[int, Decoder] = {}
-        self._summary: dict[str, dict[int, int]] | None = {} if summary else None
+        # Every completed stream's endpoints, start and bytes, for summary() and get_streams();
+        # summary=False keeps nothing (the CLI, the workers: unbounded input).
+        self._kept: list[Stream] | None = [] if summary else None
         self.packets = 0
 
     def reconfigure(self, config: Any) -> None:
@@ -101,11 +117,8 @@ class Reassembler:
         if not done:
             return []
         self.table.done = []
-        if self._summary is not None:
-            for s in done:
-                self._summary[_summary_key(s)] = {
-                    s.client[1]: len(s.client_data), s.server[1]: len(s.server_data)
-                }
+        if self._kept is not None:
+            self._kept.extend(done)
         return done
 
     def flush(self) -> list[Stream]:
@@ -115,10 +128,23 @@ class Reassembler:
         return self.completed()
 
     def summary(self) -> dict[str, dict[int, int]]:
-        """{key: {client_port: client_bytes, server_port: server_bytes}} for every completed
-        stream: the shape of the scapy stream extractor's get_streams(). key is
-        "client_ip:client_port-server_ip:server_port" (IPv6 addresses in brackets)."""
-        return dict(self._summary or {})
+        """Byte counts: {key: {client_port: client_bytes, server_port: server_bytes}} for every
+        completed stream, key "client_ip:client_port-server_ip:server_port" (IPv6 addresses in
+        brackets). Connections sharing a key (port reuse) add up; equal ports count both
+        directions under the one port. The contents are in `get_streams()`."""
+        out: dict[str, dict[int, int]] = {}
+        for s in self._kept or ():
+            counts = out.setdefault(_summary_key(s), {})
+            for port, n in ((s.client[1], len(s.client_data)), (s.server[1], len(s.server_data))):
+                counts[port] = counts.get(port, 0) + n
+        return out
+
+    def get_streams(self) -> dict[str, dict[int, bytes]]:
+        """Stream contents of every completed stream, as the scapy stream extractor's
+        get_streams() returned them: {"SRC:SPORT ==> DST:DPORT": {SPORT: client_bytes, DPORT:
+        server_bytes}} (module docstring: port reuse and equal ports). Call `flush()` first to
+        include the streams still open. Empty with `Reassembler(summary=False)`."""
+        return streams_dict(self._kept or ())
 
     @property
     def malformed(self) -> Counter[str]:
@@ -154,6 +180,39 @@ def _summary_key(s: Stream) -> str:
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
     return f"{ep(*s.client)}-{ep(*s.server)}"
+
+
+def _streams_key(s: Stream) -> str:
+    return f"{s.client[0]}:{s.client[1]} ==> {s.server[0]}:{s.server[1]}"
+
+
+def streams_dict(streams: Iterable[Stream]) -> dict[str, dict[int, bytes]]:
+    """The get_streams() dict of these streams (module docstring)."""
+    parts: dict[str, list[tuple[float, int, Stream]]] = {}
+    for n, s in enumerate(streams):
+        parts.setdefault(_streams_key(s), []).append((s.start, n, s))
+    out: dict[str, dict[int, bytes]] = {}
+    for key, conns in parts.items():
+        conns.sort(key=lambda c: c[:2])  # start time; completion order breaks ties
+        client = b"".join(s.client_data for _, _, s in conns)
+        server = b"".join(s.server_data for _, _, s in conns)
+        cport, sport = conns[0][2].client[1], conns[0][2].server[1]
+        out[key] = {cport: client + server} if cport == sport else {cport: client, sport: server}
+    return out
+
+
+def get_streams(
+    path_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    bpf: str | None = None,
+    config: Any = None,
+) -> dict[str, dict[int, bytes]]:
+    """Every stream of a capture (or several, merged by timestamp) in the scapy stream
+    extractor's get_streams() shape: {"SRC:SPORT ==> DST:DPORT": {SPORT: client_bytes, DPORT:
+    server_bytes}} (module docstring: port reuse and equal ports).
+
+    Holds every byte in memory, as the extractor did; `reassemble()` streams instead.
+    """
+    return streams_dict(reassemble(path_or_paths, bpf, config))
 
 
 def reassemble(

@@ -300,3 +300,71 @@ def test_reassemble_generator_streams_before_the_end(tmp_path: Path):
     assert first.close_reason == "fin"
     assert first.client_data == b"req 0"
     assert sum(1 for _ in gen) == 1999
+
+
+# --------------------------------------------------------------------------- get_streams()
+# The scapy stream extractor's call: {'SRC:SPORT ==> DST:DPORT': {SPORT: client, DPORT: server}}
+
+
+def test_get_streams_returns_contents_in_the_extractors_shape(capture: Path):
+    got = streamtap.get_streams(str(capture))
+    assert got == {
+        "10.0.0.1:40000 ==> 10.0.0.2:80": {40000: REQUEST, 80: RESPONSE},
+        "10.0.0.1:40001 ==> 10.0.0.3:22": {40001: b"", 22: b"SSH-2.0-x\r\n"},
+        "2001:db8::1:40002 ==> 2001:db8::2:443": {40002: b"\x16\x03\x01hello", 443: b""},
+    }
+    for value in got.values():
+        assert all(type(port) is int and type(data) is bytes for port, data in value.items())
+    assert streamtap.get_streams(capture, bpf="tcp port 22") == {
+        "10.0.0.1:40001 ==> 10.0.0.3:22": {40001: b"", 22: b"SSH-2.0-x\r\n"}}
+
+
+def test_get_streams_takes_a_list_of_paths(tmp_path: Path):
+    a, b = tmp_path / "a.pcap", tmp_path / "b.pcap"
+    write_pcap(a, http_conv(("10.0.0.1", 40000)).packets)
+    write_pcap(b, http_conv(("10.0.0.1", 40001), t0=T0 + 1, req=b"two").packets)
+    assert streamtap.get_streams([a, str(b)]) == {
+        "10.0.0.1:40000 ==> 10.0.0.2:80": {40000: REQUEST, 80: RESPONSE},
+        "10.0.0.1:40001 ==> 10.0.0.2:80": {40001: b"two", 80: RESPONSE},
+    }
+
+
+def test_get_streams_port_reuse_concatenates_in_start_order(tmp_path: Path):
+    first = http_conv(req=b"first ", resp=b"one ")
+    second = Conversation(("10.0.0.1", 40000), ("10.0.0.2", 80), isn_c=777, isn_s=999,
+                          t0=T0 + 30)
+    second.handshake().send("client", b"second").send("server", b"two").close()
+    path = tmp_path / "reuse.pcap"
+    write_pcap(path, merged(first, second))
+    assert len(list(streamtap.reassemble(path))) == 2  # two connections, one key below
+    assert streamtap.get_streams(path) == {
+        "10.0.0.1:40000 ==> 10.0.0.2:80": {40000: b"first second", 80: b"one two"}}
+    r = streamtap.Reassembler()
+    for ts, f in merged(first, second):
+        r.feed(ts, LINKTYPE_ETHERNET, f)
+    r.flush()
+    assert r.summary() == {"10.0.0.1:40000-10.0.0.2:80": {40000: 12, 80: 7}}
+
+
+def test_get_streams_equal_ports_keep_both_directions(tmp_path: Path):
+    c = http_conv(("10.0.0.1", 5000), ("10.0.0.2", 5000), req=b"ping", resp=b"pong")
+    path = tmp_path / "same.pcap"
+    write_pcap(path, c.packets)
+    assert streamtap.get_streams(path) == {"10.0.0.1:5000 ==> 10.0.0.2:5000": {5000: b"pingpong"}}
+
+
+def test_reassembler_get_streams_matches_the_file_call(capture: Path, tmp_path: Path):
+    from streamtap.reader import read
+
+    r = streamtap.Reassembler()
+    quiet = streamtap.Reassembler(summary=False)
+    for linktype, data, meta in read([str(capture)]):
+        r.feed_batch(linktype, data, meta)
+        quiet.feed_batch(linktype, data, meta)
+    before = r.get_streams()
+    assert "2001:db8::1:40002 ==> 2001:db8::2:443" not in before  # still open until flush
+    r.flush()
+    quiet.flush()
+    assert r.get_streams() == streamtap.get_streams(capture)
+    assert len(r.get_streams()) == 3
+    assert quiet.get_streams() == {} and quiet.summary() == {}
