@@ -8,6 +8,7 @@ Endpoints (every body is JSON except /metrics; every error is `{"error": "..."}`
   of its own and hand its streams to ``deliver`` (the running sinks). The path must resolve
   (symlinks followed) inside one of ``ingest_dirs``. Answers 202 with the job and
   ``Location: /pcaps/<id>``. Jobs run one at a time, in order, on one background thread.
+  ``POST /pcap`` is an alias (the Go reassembler streamtap replaces took paths there); POST only.
 - ``GET /pcaps/<id>``: the job: ``{"id", "path", "status": queued|running|done|failed,
   "packets", "streams", "error", "started", "finished"}``. ``started`` is when the job was
   accepted; ``path`` is the resolved path that is read. ``GET /pcaps`` lists the kept jobs.
@@ -175,6 +176,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _route(self) -> None:
         path = urlsplit(self.path).path
         method = "GET" if self.command == "HEAD" else self.command
+        if path == "/pcap":  # the Go reassembler's endpoint
+            self._allow(method, "POST")
+            path = "/pcaps"
         if not (method == "POST" and path == "/pcaps"):
             self._discard_body()  # keep the connection usable for the next request
         if path == "/status":

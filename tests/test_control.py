@@ -270,6 +270,30 @@ def test_ingest(h: Harness) -> None:
     assert code == 200 and [j["id"] for j in json.loads(listing)] == [job["id"]]
 
 
+def test_go_reassemblers_post_pcap_is_an_alias(h: Harness, short_dir: Path) -> None:
+    # what the Go reassembler's users send: POST /pcap {"path": ...}
+    p = h.ingest / "go.pcap"
+    conv(40000, T0, b"hello", b"world").write(p)
+    code, hdrs, raw = h.request("POST", "/pcap", json.dumps({"path": str(p)}).encode(),
+                                {"Content-Type": "application/json"})
+    job = json.loads(raw)
+    assert code == 202 and hdrs["location"] == f"/pcaps/{job['id']}"
+    done = h.wait(job["id"])
+    assert done["status"] == "done" and done["streams"] == 1, done
+    (s,) = h.streams()
+    assert s.client_data == b"hello" and s.server_data == b"world"
+    # the same checks as /pcaps: outside the ingest dirs, missing, bad JSON
+    outside = short_dir / "outside.pcap"
+    conv(40000, T0, b"x", b"y").write(outside)
+    for body, want in ((json.dumps({"path": str(outside)}).encode(), 403),
+                       (json.dumps({"path": str(h.ingest / "nope.pcap")}).encode(), 404),
+                       (b"{not json", 400)):
+        code, _, raw = h.request("POST", "/pcap", body, {"Content-Type": "application/json"})
+        assert code == want and "error" in json.loads(raw), (body, code)
+    code, hdrs, _ = h.request("GET", "/pcap")
+    assert code == 405 and hdrs["allow"] == "POST"
+
+
 def test_ingest_jobs_queue_in_order(h: Harness) -> None:
     ids = []
     for i in range(3):
