@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,24 @@ def corpus_dir() -> Path:
     if os.environ.get("STREAMTAP_REQUIRE_CORPUS") == "1":
         pytest.fail(reason + " (STREAMTAP_REQUIRE_CORPUS=1)")
     pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool a test compares against (tshark, tcpflow …).
+
+    Missing: the test skips, loudly; under STREAMTAP_REQUIRE_CORPUS=1 it fails instead, so CI
+    never passes a comparison that did not run.
+    """
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} not found on PATH: the comparison with {name} did NOT run"
+    if os.environ.get("STREAMTAP_REQUIRE_CORPUS") == "1":
+        pytest.fail(reason + " (STREAMTAP_REQUIRE_CORPUS=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tcpflow() -> str:
+    """tcpflow's path (tcpflow 1.6.1 made the corpus oracle); see `require_tool`."""
+    return require_tool("tcpflow")
