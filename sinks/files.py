@@ -252,18 +252,19 @@ class FilesSink(Sink):
             if not chunks:
                 names.append(rel)
                 continue
+            appending = rel is not None
             if rel is not None:
                 path = os.path.join(self.dir, rel)
                 fd = os.open(path, _APPEND)
-                created = False
             else:
                 rel, fd = self._create(prefix + flow_name(src, dst))
                 path = os.path.join(self.dir, rel)
-                created = True
+                undo.append((path, -1))  # before anything else can fail
             try:
                 size = os.fstat(fd).st_size
-                undo.append((path, -1 if created else size))
-                size = self._write_chunks(fd, chunks, size)
+                if appending:
+                    undo.append((path, size))
+                self._write_chunks(fd, chunks, size)
             finally:
                 os.close(fd)
             names.append(rel)

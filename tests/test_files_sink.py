@@ -236,6 +236,27 @@ def test_write_error_rolls_the_batch_back_and_a_retry_takes_the_same_names(tmp_p
     assert len(index(tmp_path)) == 3
 
 
+def test_a_failed_part_is_cut_off_and_its_retry_appends_once(tmp_path, monkeypatch):
+    sink = FilesSink("files", {"dir": str(tmp_path)})
+    sink.open()
+    assert sink.write([stream(cdata=b"first ", sdata=b"", close_reason="part")]).status == OK
+    real_write = os.write
+
+    def failing(fd, data):
+        real_write(fd, data[:2])  # a torn write, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(filesmod.os, "write", failing)
+    last = stream(cdata=b"second", sdata=b"")
+    assert sink.write([last]).status == RETRY
+    assert (tmp_path / C_NAME).read_bytes() == b"first "
+    monkeypatch.setattr(filesmod.os, "write", real_write)
+    assert sink.write([last]).status == OK
+    sink.close()
+    assert (tmp_path / C_NAME).read_bytes() == b"first second"
+    assert [r["tcp"]["close_reason"] for r in index(tmp_path)] == ["part", "fin"]
+
+
 def test_a_regular_file_as_dir_fails_open_with_the_os_answer(tmp_path):
     f = tmp_path / "not-a-dir"
     f.write_text("x")
