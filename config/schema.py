@@ -313,7 +313,8 @@ class ReassemblyConfig:
 class SinkConfig:
     """One sink entry: ``type``, optional ``name``, and the type's options (defaults filled in)."""
 
-    type: str = setting(help="Sink type: one of the keys of SINK_TYPES (jsonl, pcap, couchdb).")
+    type: str = setting(help="Sink type: one of the keys of SINK_TYPES (jsonl, pcap, couchdb, "
+                             "files).")
     name: str | None = setting(
         None, help="Name in logs and metrics; null = the type name (numbered if repeated)."
     )
@@ -419,6 +420,21 @@ class PcapOptions:
 
 
 @dataclass(frozen=True)
+class FilesOptions:
+    """tcpflow's layout: one file per direction that carried bytes, streams.jsonl beside them."""
+
+    dir: str = setting(help="Directory the flow files and streams.jsonl go to (required).")
+    gaps: Literal["skip", "zero"] = setting(
+        "skip", help="Missing bytes: skip = left out; zero = zero bytes (sparse), so file "
+        "offsets equal sequence offsets, as in tcpflow's files."
+    )
+    subdirs: Literal["none", "day", "hour"] = setting(
+        "none", help="none = every file in dir (tcpflow's layout); day = YYYYMMDD/; hour = "
+        "YYYYMMDD/HH/ (UTC, stream start)."
+    )
+
+
+@dataclass(frozen=True)
 class CouchdbOptions:
     """CouchDB 3.x (or a compatible server) over HTTP, _bulk_docs batches."""
 
@@ -469,10 +485,13 @@ SINK_TYPES: dict[str, SinkValidator] = {
     "jsonl": OptionsValidator("jsonl", JsonlOptions),
     "pcap": OptionsValidator("pcap", PcapOptions),
     "couchdb": OptionsValidator("couchdb", CouchdbOptions),
+    "files": OptionsValidator("files", FilesOptions),
 }
 
 # What --sink TYPE:VALUE sets for each built-in type.
-SINK_SPEC_KEYS: dict[str, str] = {"jsonl": "path", "pcap": "dir", "couchdb": "url"}
+SINK_SPEC_KEYS: dict[str, str] = {
+    "jsonl": "path", "pcap": "dir", "couchdb": "url", "files": "dir",
+}
 
 
 @dataclass(frozen=True)
@@ -682,7 +701,8 @@ def _build_sink(value: Any, path: str) -> SinkConfig:
 
 
 def parse_sink_spec(spec: str) -> dict[str, Any]:
-    """``--sink jsonl:PATH|- / pcap:DIR / couchdb:URL`` -> a sink mapping for ``overrides``."""
+    """``--sink jsonl:PATH|- / pcap:DIR / couchdb:URL / files:DIR`` -> a sink mapping for
+    ``overrides``."""
     type_name, sep, rest = spec.partition(":")
     if type_name not in SINK_SPEC_KEYS or not sep or not rest:
         forms = ", ".join(f"{t}:{k.upper()}" for t, k in SINK_SPEC_KEYS.items())

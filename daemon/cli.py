@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE",
                    help="YAML configuration (default: the shipped default.yaml)")
     p.add_argument("--sink", action="append", metavar="SPEC",
-                   help="jsonl:PATH|- , pcap:DIR or couchdb:URL; repeatable; replaces the "
-                   "config's sinks")
+                   help="jsonl:PATH|- , pcap:DIR, files:DIR or couchdb:URL; repeatable; "
+                   "replaces the config's sinks")
     p.add_argument("--workers", type=int, metavar="N",
                    help="worker processes (shards); default one per core for -i")
     p.add_argument("--control-socket", metavar="PATH", help="control API unix socket")
@@ -62,17 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_sink(spec: str) -> dict[str, Any]:
-    """`--sink` forms: jsonl:PATH|-, pcap:DIR, couchdb:URL."""
+    """`--sink` forms: jsonl:PATH|-, pcap:DIR, files:DIR, couchdb:URL."""
     kind, sep, arg = spec.partition(":")
     if not sep or not arg:
-        raise UsageError(f"--sink {spec!r}: expected jsonl:PATH|-, pcap:DIR or couchdb:URL")
+        raise UsageError(
+            f"--sink {spec!r}: expected jsonl:PATH|-, pcap:DIR, files:DIR or couchdb:URL")
     if kind == "jsonl":
         return {"type": "jsonl", "path": arg}
     if kind == "pcap":
         return {"type": "pcap", "dir": arg}
+    if kind == "files":
+        return {"type": "files", "dir": arg}
     if kind == "couchdb":
         return {"type": "couchdb", "url": arg}
-    raise UsageError(f"--sink {spec!r}: unknown sink type {kind!r} (jsonl, pcap, couchdb)")
+    raise UsageError(
+        f"--sink {spec!r}: unknown sink type {kind!r} (jsonl, pcap, files, couchdb)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

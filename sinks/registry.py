@@ -21,6 +21,7 @@ BUILTIN = {
     "jsonl": "streamtap.sinks.jsonl:JsonlSink",
     "pcap": "streamtap.sinks.pcap:PcapSink",
     "couchdb": "streamtap.sinks.couchdb:CouchdbSink",
+    "files": "streamtap.sinks.files:FilesSink",
 }
 
 

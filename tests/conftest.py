@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,12 @@ def corpus_dir() -> Path:
         return CORPUS
     require.need(f"corpus not found at {CORPUS}: conformance and differential tests")
     return CORPUS  # not reached: need() skipped or failed
+
+
+@pytest.fixture(scope="session")
+def tcpflow() -> str:
+    """tcpflow's path (tcpflow 1.6.1 made the corpus oracle); `require.need` when missing."""
+    require.need(require.tool("tcpflow"))
+    path = shutil.which("tcpflow")
+    assert path is not None
+    return path

@@ -656,7 +656,7 @@ def test_sink_registry_can_be_extended(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
         loads("sinks:\n  - type: kafka\n")
     assert (info.value.key_path, info.value.line) == ("sinks[0]", 2)
-    with pytest.raises(ConfigError, match="known types: jsonl, pcap, couchdb, kafka"):
+    with pytest.raises(ConfigError, match="known types: jsonl, pcap, couchdb, files, kafka"):
         loads("sinks: [{type: nats}]")
     assert "kafka" in dump(cfg)
     assert loads(dump(cfg)) == cfg
