@@ -461,7 +461,7 @@ class Supervisor:
         now = self.clock()
         s.proc, s.pid, s.ready, s.started_at, s.last_heartbeat = w, os.getpid(), True, now, now
         log.info("capturing on %s (1 worker, in-process)", self.interface)
-        self.notifier.ready()
+        self.notifier.ready(self.ready_status())
         self.ready_sent = True
 
     def step_inproc(self, timeout: float) -> None:
@@ -525,7 +525,7 @@ class Supervisor:
             if not self.ready_sent and all(x.ready for x in self.slots):
                 self.ready_sent = True
                 log.info("all %d workers capturing on %s", self.num_workers, self.interface)
-                self.notifier.ready()
+                self.notifier.ready(self.ready_status())
         elif kind == "error":
             code, text = msg[1], msg[2]
             log.error("worker %d: %s", s.index, text, extra=extra)
@@ -832,6 +832,12 @@ class Supervisor:
         if now - self._last_status >= self.status_interval:
             self._last_status = now
             n.status(self.status_text(now))
+
+    def ready_status(self) -> str:
+        """The STATUS= sent with the first READY=1 (DESIGN "Pinned details"); rates follow
+        every `status_interval`."""
+        n = self.num_workers
+        return f"capturing on {self.interface}, {n} worker{'s' if n != 1 else ''}"
 
     def status_text(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now
