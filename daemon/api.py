@@ -27,6 +27,8 @@ from .flowtable import FlowTable, Limits
 from .reader import CaptureError, read
 from .stream import Stream
 
+STATS_GROUPS = ("streams", "evicted")  # flow-table stats "<group>_<reason>" -> {reason: n}
+
 
 def _load_config(config: Any):
     from streamtap import config as cfgmod
@@ -162,17 +164,27 @@ class Reassembler:
 
     @property
     def stats(self) -> dict[str, Any]:
-        t = self.table.stats
-        return {
+        """Every counter of the flow table, the decoders and the defragmenters. Flow-table keys
+        `streams_<reason>` and `evicted_<reason>` are grouped into {reason: n} dicts; any other
+        flow-table key is passed through as it is, so a counter added there reaches the daemon's
+        /status and /metrics with no plumbing. `flows_active` is the one gauge."""
+        out: dict[str, Any] = {
             "packets": self.packets,
-            "streams": {k[8:]: v for k, v in t.items() if k.startswith("streams_")},
-            "evicted": {k[8:]: v for k, v in t.items() if k.startswith("evicted_")},
+            "streams": {},
+            "evicted": {},
             "malformed": dict(self.malformed),
             "skipped": dict(self.skipped),
-            "gaps": t["gaps"],
+            "gaps": 0,
             "missed_bytes": self.table.gap_bytes,
             "flows_active": self.table.nflows,
         }
+        for k, v in self.table.stats.items():
+            group, _, reason = k.partition("_")
+            if group in STATS_GROUPS and reason:
+                out[group][reason] = v
+            else:
+                out[k] = v
+        return out
 
 
 def _summary_key(s: Stream) -> str:

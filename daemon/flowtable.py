@@ -415,6 +415,7 @@ class FlowTable:
             self._close(f, "evicted")
 
     def _over_memory(self) -> None:
+        self.stats["memory_limit_hits"] += 1
         target = self.mem_cap * 9 // 10
         flows = sorted((h.flow for h in self.flows.values() if h.is_client), key=lambda f: f.last)
         for f in flows:

@@ -6,26 +6,12 @@ The counters in the state are already cumulative (the supervisor adds a dead wor
 totals to its slot), so nothing here keeps history, and prometheus_client's multiprocess mode is
 not used.
 
-Exposed (Prometheus text format 0.0.4):
-
-=============================================  =======  ================  =====================
-name                                           type     labels            from state
-=============================================  =======  ================  =====================
-streamtap_capture_packets_received_total       counter  worker            workers[].received
-streamtap_capture_kernel_drops_total           counter  worker            workers[].kernel_drops
-streamtap_capture_interface_drops_total        counter  worker            workers[].interface_drops
-streamtap_decode_malformed_total               counter  reason            malformed
-streamtap_tcp_streams_active                   gauge                      flows_active
-streamtap_tcp_streams_completed_total          counter  reason            streams
-streamtap_tcp_missed_bytes_total               counter                    missed_bytes
-streamtap_sink_records_total                   counter  sink, result      sinks[].records
-streamtap_sink_queue_depth                     gauge    sink              sinks[].queue_depth
-streamtap_worker_restarts_total                counter                    worker_restarts
-streamtap_channel_dropped_total                counter                    channel_dropped
-streamtap_worker_up                            gauge    worker            workers[].alive
-streamtap_sink_healthy                         gauge    sink              sinks[].healthy
-streamtap_uptime_seconds                       gauge                      uptime
-=============================================  =======  ================  =====================
+Every metric is declared once, in `PER_WORKER`, `ENGINE_COUNTERS` and `families()`; the
+README's metrics table is `reference_table()`, and a test keeps the two equal. An engine counter
+the supervisor sums but nobody declared yet is still exported, as
+``streamtap_tcp_<key>_total`` (a {reason: n} dict gets a ``reason`` label): a counter added to
+the flow table reaches the operator with no plumbing, and the README test then asks for its
+declaration (name and help).
 
 `worker` is the worker slot index (a restarted worker keeps its slot); `sink` is the sink's
 name, made unique with `#<index>` when two sinks share one.
@@ -33,6 +19,7 @@ name, made unique with `#<index>` when two sinks share one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -44,7 +31,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
-__all__ = ["CONTENT_TYPE", "StateCollector", "registry", "render"]
+__all__ = ["CONTENT_TYPE", "ENGINE_COUNTERS", "StateCollector", "reference_table", "registry",
+           "render"]
 
 # generate_latest() writes the 0.0.4 text format whatever CONTENT_TYPE_LATEST says in newer
 # prometheus_client releases (0.26 announces version=1.0.0), so the header is pinned here.
@@ -53,6 +41,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 StateFn = Callable[[], Mapping[str, Any]]
 
 STREAM_REASONS = ("fin", "rst", "timeout", "evicted", "shutdown")
+EVICT_REASONS = ("max_flows", "memory")
 SINK_RESULTS = ("ok", "retried", "failed", "spooled", "dropped")
 
 
@@ -77,59 +66,137 @@ class StateCollector:
         return iter(families(self.state_fn()))
 
 
+# state key -> (metric name without _total, help, label values always exported)
+PER_WORKER: dict[str, tuple[str, str]] = {
+    "received": ("streamtap_capture_packets_received",
+                 "Packets the kernel handed to the capture handle (pcap stats recv)."),
+    "kernel_drops": ("streamtap_capture_kernel_drops",
+                     "Packets dropped by the kernel: capture buffer full (pcap stats drop)."),
+    "interface_drops": ("streamtap_capture_interface_drops",
+                        "Packets dropped by the interface or driver (pcap stats ifdrop)."),
+}
+
+# Counters the workers report, summed over workers (and over the deaths of each) by the
+# supervisor: state key -> (name without _total, help, labels always exported). A dict value is
+# exported with a `reason` label.
+ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "packets": ("streamtap_decode_packets", "Frames handed to the decoder.", ()),
+    "malformed": ("streamtap_decode_malformed",
+                  "Packets the decoder rejected, by reason; fragment_* reasons are IP fragments "
+                  "dropped (overlap, timeout, limit = table full, invalid).", ()),
+    "skipped": ("streamtap_decode_skipped",
+                "Frames that are fine but not reassembled (not_ip, not_tcp) or IP fragments "
+                "held, duplicated or discarded, by reason.", ()),
+    "flows": ("streamtap_tcp_streams_opened", "Connections opened in the flow tables.", ()),
+    "streams": ("streamtap_tcp_streams_completed", "Streams completed, by close reason.",
+                STREAM_REASONS),
+    "evicted": ("streamtap_tcp_evictions",
+                "Connections closed early by a limit, by limit (max_flows, memory).",
+                EVICT_REASONS),
+    "empty_dropped": ("streamtap_tcp_empty_streams_dropped",
+                      "Streams without payload dropped (reassembly.emit_empty false).", ()),
+    "gaps": ("streamtap_tcp_gaps", "Gaps in the emitted streams.", ()),
+    "missed_bytes": ("streamtap_tcp_missed_bytes",
+                     "Bytes skipped as gaps (never captured, or cut by snaplen).", ()),
+    "memory_limit_hits": ("streamtap_tcp_memory_limit_hits",
+                          "Times the reassembly memory cap was exceeded (idle flows are then "
+                          "evicted).", ()),
+    "depth_dropped_bytes": ("streamtap_tcp_depth_dropped_bytes",
+                            "Bytes past the reassembly depth, not kept (stream flagged "
+                            "truncated).", ()),
+    "ooo_limit_hits": ("streamtap_tcp_ooo_limit_hits",
+                       "Holes skipped because a direction held more than ooo_bytes out of "
+                       "order.", ()),
+    "channel_dropped": ("streamtap_channel_dropped",
+                        "Stream records dropped on a full worker-to-supervisor channel.", ()),
+}
+
+_DICT_KEYS = frozenset({"malformed", "skipped", "streams", "evicted"})  # {reason: n} values
+
+# state keys that are not summed engine counters (or are exported per worker)
+_NOT_ENGINE = frozenset({"uptime", "interface", "workers", "flows_active", "sinks",
+                         "worker_restarts", *PER_WORKER})
+
+# (name, type, labels, /status key, help) of the metrics families() builds by hand
+_OTHER: tuple[tuple[str, str, str, str, str], ...] = (
+    ("streamtap_worker_up", "gauge", "worker", "workers[].alive",
+     "1 if the worker process is alive."),
+    ("streamtap_tcp_streams_active", "gauge", "", "flows_active",
+     "Connections open in the flow tables."),
+    ("streamtap_sink_records", "counter", "sink, result", "sinks[].records",
+     "Stream records handled by each sink, by result (ok, retried, failed, spooled, dropped)."),
+    ("streamtap_sink_queue_depth", "gauge", "sink", "sinks[].queue_depth",
+     "Batches or records waiting in a sink's queue."),
+    ("streamtap_sink_healthy", "gauge", "sink", "sinks[].healthy",
+     "1 if the sink reports healthy."),
+    ("streamtap_worker_restarts", "counter", "", "worker_restarts",
+     "Worker processes restarted after dying."),
+    ("streamtap_uptime_seconds", "gauge", "", "uptime", "Seconds since the daemon started."),
+)
+_DOC = {name: (kind, labels, doc) for name, kind, labels, _key, doc in _OTHER}
+
+
+def _metric_name(key: str) -> str:
+    name = re.sub(r"[^a-zA-Z0-9_]", "_", str(key)).strip("_").lower() or "unnamed"
+    return "streamtap_tcp_" + name.removesuffix("_total")
+
+
+def _counter(name: str, doc: str, value: Any, labels: tuple[str, ...] = ()) -> Metric:
+    if not isinstance(value, Mapping):
+        return CounterMetricFamily(name, doc, value=_num(value))
+    c = CounterMetricFamily(name, doc, labels=["reason"])
+    counts = dict(value)
+    for reason in labels:
+        c.add_metric([reason], _num(counts.pop(reason, 0)))
+    for reason, n in sorted(counts.items(), key=lambda kv: str(kv[0])):
+        c.add_metric([str(reason)], _num(n))
+    return c
+
+
 def families(state: Mapping[str, Any]) -> list[Metric]:
     """The metric families of one state dict (missing keys count as zero)."""
     workers = list(state.get("workers") or ())
     out: list[Metric] = []
 
-    for key, name, doc in (
-        ("received", "streamtap_capture_packets_received",
-         "Packets the kernel handed to the capture handle (pcap stats recv)."),
-        ("kernel_drops", "streamtap_capture_kernel_drops",
-         "Packets dropped by the kernel: capture buffer full (pcap stats drop)."),
-        ("interface_drops", "streamtap_capture_interface_drops",
-         "Packets dropped by the interface or driver (pcap stats ifdrop)."),
-    ):
+    for key, (name, doc) in PER_WORKER.items():
         c = CounterMetricFamily(name, doc, labels=["worker"])
         for w in workers:
             c.add_metric([str(w.get("index", ""))], _num(w.get(key)))
         out.append(c)
 
-    up = GaugeMetricFamily("streamtap_worker_up", "1 if the worker process is alive.",
+    up = GaugeMetricFamily("streamtap_worker_up", _DOC["streamtap_worker_up"][2],
                            labels=["worker"])
     for w in workers:
         up.add_metric([str(w.get("index", ""))], 1.0 if w.get("alive") else 0.0)
     out.append(up)
 
-    mal = CounterMetricFamily("streamtap_decode_malformed",
-                              "Packets the decoder rejected, by reason.", labels=["reason"])
-    for reason, n in sorted((state.get("malformed") or {}).items()):
-        mal.add_metric([str(reason)], _num(n))
-    out.append(mal)
-
     out.append(GaugeMetricFamily("streamtap_tcp_streams_active",
-                                 "Connections open in the flow tables.",
+                                 _DOC["streamtap_tcp_streams_active"][2],
                                  value=_num(state.get("flows_active"))))
 
-    done = CounterMetricFamily("streamtap_tcp_streams_completed",
-                               "Streams completed, by close reason.", labels=["reason"])
-    streams = dict(state.get("streams") or {})
-    for reason in STREAM_REASONS:
-        done.add_metric([reason], _num(streams.pop(reason, 0)))
-    for reason, n in sorted(streams.items()):
-        done.add_metric([str(reason)], _num(n))
-    out.append(done)
+    names: set[str] = set()
+    for key, (name, doc, labels) in ENGINE_COUNTERS.items():
+        value = state.get(key)
+        if value is None:
+            value = {} if key in _DICT_KEYS else 0
+        out.append(_counter(name, doc, value, labels))
+        names.add(name)
+    # counters the engine reports that nobody declared yet: exported all the same
+    for key, value in sorted(state.items()):
+        if key in _NOT_ENGINE or key in ENGINE_COUNTERS:
+            continue
+        if not isinstance(value, (Mapping, int, float)) or isinstance(value, bool):
+            continue
+        name = _metric_name(key)
+        if name not in names:
+            names.add(name)
+            out.append(_counter(name, f"Worker counter {key!r} (summed over workers).", value))
 
-    out.append(CounterMetricFamily("streamtap_tcp_missed_bytes",
-                                   "Bytes skipped as gaps (never captured, or cut by snaplen).",
-                                   value=_num(state.get("missed_bytes"))))
-
-    records = CounterMetricFamily("streamtap_sink_records",
-                                  "Stream records handled by each sink, by result.",
+    records = CounterMetricFamily("streamtap_sink_records", _DOC["streamtap_sink_records"][2],
                                   labels=["sink", "result"])
     depth = GaugeMetricFamily("streamtap_sink_queue_depth",
-                              "Batches or records waiting in a sink's queue.", labels=["sink"])
-    healthy = GaugeMetricFamily("streamtap_sink_healthy", "1 if the sink reports healthy.",
+                              _DOC["streamtap_sink_queue_depth"][2], labels=["sink"])
+    healthy = GaugeMetricFamily("streamtap_sink_healthy", _DOC["streamtap_sink_healthy"][2],
                                 labels=["sink"])
     seen: set[str] = set()
     for i, s in enumerate(state.get("sinks") or ()):
@@ -147,14 +214,27 @@ def families(state: Mapping[str, Any]) -> list[Metric]:
     out += [records, depth, healthy]
 
     out.append(CounterMetricFamily("streamtap_worker_restarts",
-                                   "Worker processes restarted after dying.",
+                                   _DOC["streamtap_worker_restarts"][2],
                                    value=_num(state.get("worker_restarts"))))
-    out.append(CounterMetricFamily("streamtap_channel_dropped",
-                                   "Stream records dropped on a full worker-to-supervisor "
-                                   "channel.", value=_num(state.get("channel_dropped"))))
-    out.append(GaugeMetricFamily("streamtap_uptime_seconds", "Seconds since the daemon started.",
+    out.append(GaugeMetricFamily("streamtap_uptime_seconds", _DOC["streamtap_uptime_seconds"][2],
                                  value=_num(state.get("uptime"))))
     return out
+
+
+def reference_table() -> str:
+    """The README's metrics table (Markdown), one row per declared metric."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    for key, (name, doc) in PER_WORKER.items():
+        rows.append((name + "_total", "counter", "worker", f"workers[].{key}", doc))
+    for key, (name, doc, _reasons) in ENGINE_COUNTERS.items():
+        labels = "reason" if key in _DICT_KEYS else ""
+        rows.append((name + "_total", "counter", labels, key, doc))
+    for name, kind, labels, key, doc in _OTHER:
+        rows.append((name + ("_total" if kind == "counter" else ""), kind, labels, key, doc))
+    lines = ["| metric | type | labels | `/status` key | meaning |", "|---|---|---|---|---|"]
+    for name, kind, labels, key, doc in sorted(rows):
+        lines.append(f"| `{name}` | {kind} | {labels} | `{key}` | {doc} |")
+    return "\n".join(lines) + "\n"
 
 
 def registry(state_fn: StateFn) -> CollectorRegistry:

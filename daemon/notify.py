@@ -7,7 +7,9 @@ A thin wrapper over ``systemd.daemon.notify``, which is itself a no-op returning
 * ``WATCHDOG_USEC`` / ``WATCHDOG_PID`` are read once: :attr:`Notifier.watchdog_interval` is half
   the watchdog period (systemd's advice), None when the unit has no watchdog or it is meant for
   another pid;
-* ``reloading()`` carries ``MONOTONIC_USEC`` as Type=notify-reload requires.
+* ``reloading()`` carries ``MONOTONIC_USEC`` as Type=notify-reload requires;
+* ``ready(status)`` sends ``READY=1`` and ``STATUS=`` in one datagram, so ``systemctl status``
+  shows what the daemon does from the moment it is up, not after the first periodic STATUS.
 
 The send function is injectable, so the supervisor's sequencing is testable without systemd.
 """
@@ -62,8 +64,10 @@ class Notifier:
         del self.sent[:-32]
         return bool(self._send(state))
 
-    def ready(self) -> bool:
+    def ready(self, status: str | None = None) -> bool:
         self.is_ready = True
+        if status:
+            return self.notify("READY=1\nSTATUS=" + status.replace("\n", " "))
         return self.notify("READY=1")
 
     def reloading(self) -> bool:

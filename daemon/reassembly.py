@@ -90,6 +90,7 @@ def append(h: Half, data: bytes, table: Any) -> None:
             table.mem += keep
         h.room = 0
         h.depth_dropped += n - keep
+        table.stats["depth_dropped_bytes"] += n - keep
     h.off += n
     h.next = (h.next + n) & MASK32
 
@@ -259,6 +260,7 @@ def segment(h: Half, seq: int, data: bytes, missing: int, policy_last: bool, tab
         store_ooo(h, off, data, missing, policy_last, table)
         limit = table.ooo_limit
         while h.ooo_bytes > limit and h.ooo:
+            table.stats["ooo_limit_hits"] += 1
             force_gap(h, table)
 
 

@@ -44,9 +44,11 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 BOOT_ERRORS = (EXIT_RUNTIME, EXIT_USAGE)
 
 SIGNALS = ("HUP", "INT", "TERM", "USR1", "CHLD")
-COUNTERS = ("received", "kernel_drops", "interface_drops", "packets", "missed_bytes", "gaps",
-            "channel_dropped")
-DICT_COUNTERS = ("streams", "malformed")
+# A worker's stats message is summed generically: every number, and every {reason: number}
+# dict, is a cumulative counter, except the keys below. So a counter the engine adds later
+# reaches /status and /metrics with no change here.
+META_KEYS = frozenset({"index", "pid", "interface", "last_progress", "_error"})
+GAUGES = frozenset({"flows_active"})  # summed over live workers only, never kept past a death
 QUEUE_BATCHES = 64          # bounded stream queue per worker (batches)
 MAX_BATCHES_PER_PASS = 256  # keep signals and heartbeats served under a flood of streams
 
@@ -65,13 +67,26 @@ def backoff_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
     return min(cap, base * 2 ** (failures - 1))
 
 
-def _add_counters(into: dict[str, Any], stats: dict[str, Any]) -> None:
-    for k in COUNTERS:
-        into[k] = into.get(k, 0) + int(stats.get(k) or 0)
-    for k in DICT_COUNTERS:
-        d = into.setdefault(k, {})
-        for reason, n in (stats.get(k) or {}).items():
-            d[reason] = d.get(reason, 0) + n
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _add_counters(into: dict[str, Any], stats: dict[str, Any], gauges: bool = False) -> None:
+    """Add the counters (or, with `gauges`, the gauges) of one stats message into `into`."""
+    for k, v in stats.items():
+        if k in META_KEYS or (k in GAUGES) != gauges:
+            continue
+        if _is_num(v):
+            old = into.get(k, 0)
+            if _is_num(old):
+                into[k] = old + v
+        elif isinstance(v, dict):
+            d = into.setdefault(k, {})
+            if not isinstance(d, dict):
+                continue
+            for reason, n in v.items():
+                if _is_num(n):
+                    d[reason] = d.get(reason, 0) + n
 
 
 # --------------------------------------------------------------------------- child processes
@@ -461,7 +476,7 @@ class Supervisor:
         now = self.clock()
         s.proc, s.pid, s.ready, s.started_at, s.last_heartbeat = w, os.getpid(), True, now, now
         log.info("capturing on %s (1 worker, in-process)", self.interface)
-        self.notifier.ready()
+        self.notifier.ready(self.ready_status())
         self.ready_sent = True
 
     def step_inproc(self, timeout: float) -> None:
@@ -525,7 +540,7 @@ class Supervisor:
             if not self.ready_sent and all(x.ready for x in self.slots):
                 self.ready_sent = True
                 log.info("all %d workers capturing on %s", self.num_workers, self.interface)
-                self.notifier.ready()
+                self.notifier.ready(self.ready_status())
         elif kind == "error":
             code, text = msg[1], msg[2]
             log.error("worker %d: %s", s.index, text, extra=extra)
@@ -833,6 +848,12 @@ class Supervisor:
             self._last_status = now
             n.status(self.status_text(now))
 
+    def ready_status(self) -> str:
+        """The STATUS= sent with the first READY=1 (DESIGN "Pinned details"); rates follow
+        every `status_interval`."""
+        n = self.num_workers
+        return f"capturing on {self.interface}, {n} worker{'s' if n != 1 else ''}"
+
     def status_text(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now
         t = self.totals()
@@ -870,14 +891,15 @@ class Supervisor:
                 f"{self.delivered} records delivered")
 
     def state(self) -> dict[str, Any]:
-        """The control server's GET /status (counters cumulative over worker deaths)."""
+        """The control server's GET /status (counters cumulative over worker deaths). Besides
+        the keys named here, every counter the workers report is there, summed."""
         workers = []
-        flows = 0
+        gauges: dict[str, Any] = {}
         with self._lock:
             for s in self.slots:
                 tot = s.totals()
+                _add_counters(gauges, s.stats, gauges=True)
                 fa = int(s.stats.get("flows_active") or 0)
-                flows += fa
                 workers.append({
                     "index": s.index, "pid": s.pid, "alive": s.alive,
                     "received": tot.get("received", 0), "kernel_drops": tot.get("kernel_drops", 0),
@@ -885,11 +907,11 @@ class Supervisor:
                     "packets": tot.get("packets", 0), "flows_active": fa,
                 })
         t = self.totals()
-        return {
+        out = {
             "uptime": round(self.clock() - self.started, 3),
             "interface": self.interface,
             "workers": workers,
-            "flows_active": flows,
+            "flows_active": gauges.pop("flows_active", 0),
             "streams": t.get("streams", {}),
             "malformed": t.get("malformed", {}),
             "missed_bytes": t.get("missed_bytes", 0),
@@ -902,6 +924,9 @@ class Supervisor:
             "channel_dropped": t.get("channel_dropped", 0),
             "sinks": [self.sink_state(i, sink) for i, sink in enumerate(list(self.sinks))],
         }
+        for k, v in (*t.items(), *gauges.items()):
+            out.setdefault(k, v)
+        return out
 
     def sink_state(self, i: int, sink: Any) -> dict[str, Any]:
         if callable(getattr(sink, "health", None)):

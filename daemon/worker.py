@@ -127,25 +127,19 @@ class Worker:
     def stats(self) -> dict[str, Any]:
         r = self.reassembler
         recv, drop, ifdrop = self.handle.stats() if self.handle is not None else self._final
-        rs = r.stats if r is not None else {}
-        return {
+        # every engine counter, whatever its name: the supervisor sums them all generically
+        out: dict[str, Any] = dict(r.stats) if r is not None else {}
+        out.update({
             "index": self.index,
             "pid": os.getpid(),
             "interface": self.interface,
             "received": recv,
             "kernel_drops": drop,
             "interface_drops": ifdrop,
-            "packets": rs.get("packets", 0),
-            "flows_active": rs.get("flows_active", 0),
-            "malformed": rs.get("malformed", {}),
-            "skipped": rs.get("skipped", {}),
-            "streams": rs.get("streams", {}),
-            "evicted": rs.get("evicted", {}),
-            "missed_bytes": rs.get("missed_bytes", 0),
-            "gaps": rs.get("gaps", 0),
             "channel_dropped": self.channel_dropped,
             "last_progress": self.last_progress,
-        }
+        })
+        return out
 
     def reload(self, cfg: Any) -> None:
         """SIGHUP: new BPF filter, then the reassembly limits/timeouts in place; open streams

@@ -21,6 +21,7 @@ class NotifySocket:
             os.chmod(self.path, mode)
         self.sock.settimeout(0.1)
         self.msgs: list[tuple[int, str]] = []   # (sender pid, message)
+        self.datagrams: list[str] = []          # whole datagrams: which lines travelled together
         self._stop = False
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
@@ -37,11 +38,16 @@ class NotifySocket:
             for level, kind, cdata in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("=iII", cdata[:12])[0]
+            self.datagrams.append(data.decode())
             for line in data.decode().splitlines():
                 self.msgs.append((pid, line))
 
     def lines(self) -> list[str]:
         return [m for _p, m in self.msgs]
+
+    def ready_datagram(self) -> str | None:
+        """The first datagram carrying READY=1, whole."""
+        return next((d for d in self.datagrams if "READY=1" in d.splitlines()), None)
 
     def close(self) -> None:
         self._stop = True

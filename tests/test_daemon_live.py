@@ -196,7 +196,9 @@ def assert_from_daemon_pid(d: Daemon) -> None:
 
 def test_capture_ipv4_ipv6_exact_bytes_and_notify(daemon, net):
     d = daemon()
-    d.wait_msg("READY=1")
+    ready = d.wait_msg("READY=1")
+    # the first READY=1 brings a STATUS= in the same datagram: systemctl status shows it at once
+    assert d.notify.ready_datagram() == f"READY=1\nSTATUS=capturing on {net.veth_a}, 1 worker"
     d.wait_msg("WATCHDOG=1", timeout=3)
     results = net.run_client(mix(net, 216, big=4), parallel=8, timeout=90)
     assert len(results) == 220 and sum(r["recv_len"] for r in results) > 4 * MIB
@@ -204,7 +206,7 @@ def test_capture_ipv4_ipv6_exact_bytes_and_notify(daemon, net):
     assert_exact(results, records)
     assert all(r["tcp"]["close_reason"] == "fin" for r in records)
     assert {r["network"]["type"] for r in records} == {"ipv4", "ipv6"}
-    d.wait_msg("STATUS=", timeout=8)
+    d.wait_msg("STATUS=", timeout=8, after=ready + 2)  # a periodic one, with rates
     st = d.status()
     assert st["packets"] > 0 and st["interface"] == net.veth_a
     assert d.stop() == 0

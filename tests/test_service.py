@@ -319,6 +319,7 @@ def test_service_notify_capture_and_stop(inst, net, service):
     conf.write_text(text.replace("\n  workers: 0\n", "\n  workers: 2\n"))
     s = service()
     s.notify.wait("READY=1", s.proc)
+    assert s.notify.ready_datagram() == f"READY=1\nSTATUS=capturing on {net.veth_a}, 2 workers"
     s.notify.wait("WATCHDOG=1", s.proc, timeout=5)
     sock = s.dirs["RUNTIME_DIRECTORY"] / f"{net.veth_a}.sock"
     assert sock.exists(), s.stderr()

@@ -399,6 +399,32 @@ def test_ready_only_after_every_worker_and_watchdog_only_while_all_alive():
     assert any(m.startswith("STATUS=") and "packets/s" in m for m in notifier.msgs)
 
 
+def test_first_ready_carries_status_in_the_same_datagram():
+    sup, clock, spawner, notifier, sink = make(load_config=lambda a: cfg_with(2),
+                                               make_sinks=lambda c: [Sink()])
+    sup.start_workers()
+    all_ready(sup, spawner)
+    # one datagram: systemctl status shows it the moment the unit is up, not 5 s later
+    assert notifier.sent[0] == "READY=1\nSTATUS=capturing on eth9, 2 workers"
+    sup.handle_hup()                              # a reload's READY=1 needs no STATUS
+    for p in spawner.procs:
+        p.inbox.append(("reloaded", p.index))
+    sup.run_pass()
+    assert notifier.sent[-1] == "READY=1"
+
+    inproc = Supervisor(cfg_with(1), types.SimpleNamespace(interface="eth9", count=None),
+                        sinks=[Sink()], notifier=FakeNotifier(None), make_worker=InprocWorker)
+    inproc.start_workers()
+    assert inproc.notifier.sent == ["READY=1\nSTATUS=capturing on eth9, 1 worker"]
+
+
+def test_notifier_ready_with_status_is_one_message():
+    got = []
+    n = Notifier(send=lambda s: got.append(s) or True, env={})
+    assert n.ready("capturing on eth0,\n2 workers") and n.ready()
+    assert got == ["READY=1\nSTATUS=capturing on eth0, 2 workers", "READY=1"]
+
+
 def test_notifier_is_silent_off_systemd_and_in_other_pids(monkeypatch):
     n = Notifier(env={})
     assert n.enabled is False and n.ready() is False and n.watchdog_interval is None
