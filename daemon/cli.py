@@ -1,7 +1,8 @@
 """Command line: tcpdump's habits where they exist (DESIGN "Interfaces").
 
-Exit codes: 0 done, 1 runtime failure (unreadable capture, missing interface), 2 usage or
-config error. A user's mistake gets one line on stderr, never a traceback.
+Exit codes: 0 done, 1 runtime failure (unreadable capture, missing interface, a sink that
+cannot open or write), 2 usage or config error. A user's mistake or a failing sink gets one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
