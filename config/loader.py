@@ -29,6 +29,7 @@ from .schema import (
     SinkConfig,
     build,
     describe_type,
+    mask_secret,
 )
 from .units import _show, format_duration, format_size
 
@@ -291,21 +292,30 @@ def _field_help(f: dataclasses.Field[Any], tp: Any) -> str:
     return text
 
 
-def _sink_options_units(type_name: str) -> dict[str, str | None]:
+def _sink_options_fields(type_name: str) -> dict[str, dataclasses.Field[Any]]:
     validator = SINK_TYPES.get(type_name)
     if not isinstance(validator, OptionsValidator):
         return {}
-    return {f.name: f.metadata.get("unit") for f in dataclasses.fields(validator.options_cls)}
+    return {f.name: f for f in dataclasses.fields(validator.options_cls)}
 
 
-def _emit_sinks(sinks: tuple[SinkConfig, ...], indent: int, out: list[str]) -> None:
+def _shown(value: Any, f: dataclasses.Field[Any] | None, redact: bool) -> Any:
+    if f is None:
+        return value
+    if redact and f.metadata.get("secret"):
+        return mask_secret(value)
+    return _human(value, f.metadata.get("unit"))
+
+
+def _emit_sinks(sinks: tuple[SinkConfig, ...], indent: int, redact: bool,
+                out: list[str]) -> None:
     pad = " " * indent
     for sink in sinks:
         items: list[tuple[str, Any]] = [("type", sink.type)]
         if sink.name is not None:
             items.append(("name", sink.name))
-        units = _sink_options_units(sink.type)
-        items += [(k, _human(v, units.get(k))) for k, v in sink.options.items()]
+        fields = _sink_options_fields(sink.type)
+        items += [(k, _shown(v, fields.get(k), redact)) for k, v in sink.options.items()]
         for i, (key, value) in enumerate(items):
             lead = "- " if i == 0 else "  "
             out.append(f"{pad}{lead}{_scalar(key)}: {_scalar(value)}")
@@ -344,7 +354,7 @@ Example:
       url: http://127.0.0.1:5984"""
 
 
-def _emit(obj: Any, indent: int, comments: bool, out: list[str]) -> None:
+def _emit(obj: Any, indent: int, comments: bool, redact: bool, out: list[str]) -> None:
     pad = " " * indent
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -358,15 +368,15 @@ def _emit(obj: Any, indent: int, comments: bool, out: list[str]) -> None:
                 out += _sink_types_comment(indent)
         if dataclasses.is_dataclass(value):
             out.append(f"{pad}{f.name}:")
-            _emit(value, indent + _INDENT, comments, out)
+            _emit(value, indent + _INDENT, comments, redact, out)
         elif f.name == "sinks" and isinstance(value, tuple) and value:
             out.append(f"{pad}{f.name}:")
-            _emit_sinks(value, indent + _INDENT, out)
+            _emit_sinks(value, indent + _INDENT, redact, out)
         elif isinstance(value, tuple) and value:
             out.append(f"{pad}{f.name}:")
             out += [f"{pad}  - {_scalar(item)}" for item in value]
         else:
-            out.append(f"{pad}{f.name}: {_scalar(_human(value, f.metadata.get('unit')))}")
+            out.append(f"{pad}{f.name}: {_scalar(_shown(value, f, redact))}")
 
 
 _HEADER = """\
@@ -376,15 +386,17 @@ _HEADER = """\
 # Every key is optional: a missing key takes the default shown here."""
 
 
-def dump(cfg: Config, *, comments: bool = False) -> str:
+def dump(cfg: Config, *, comments: bool = False, redact: bool = True) -> str:
     """The config as YAML, valid input for :func:`load`; durations and sizes in human units.
 
     ``comments=True`` adds each setting's help as a comment (this is how the shipped
-    default.yaml is produced: ``dump(default(), comments=True)``).
+    default.yaml is produced: ``dump(default(), comments=True)``). Secrets (passwords, a URL's
+    userinfo) are masked unless ``redact=False``: the output lands in terminals, tickets and
+    logs.
     """
     out: list[str] = _HEADER.splitlines() + [""] if comments else []
     body: list[str] = []
-    _emit(cfg, 0, comments, body)
+    _emit(cfg, 0, comments, redact, body)
     return "\n".join(out + body) + "\n"
 
 

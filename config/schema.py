@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field
 from difflib import get_close_matches
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .units import _show, parse_duration, parse_size
 
@@ -80,14 +81,17 @@ def setting(
     positive: bool = False,
     max: int | float | None = None,
     check: Check | None = None,
+    secret: bool = False,
 ) -> Any:
     """One setting: default, help, unit (``"duration"`` | ``"size"`` | None) and constraints.
 
     Every number is non-negative; ``positive`` also refuses 0; ``max`` is inclusive. ``check`` is
     called as ``check(value, key_path)`` after conversion and returns the (possibly normalized)
-    value or raises :class:`ConfigError`.
+    value or raises :class:`ConfigError`. A ``secret`` value is masked by ``dump()`` (see
+    :func:`mask_secret`).
     """
-    metadata = {"help": help, "unit": unit, "positive": positive, "max": max, "check": check}
+    metadata = {"help": help, "unit": unit, "positive": positive, "max": max, "check": check,
+                "secret": secret}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -128,19 +132,60 @@ def _absolute_dirs(value: tuple[str, ...], path: str) -> tuple[str, ...]:
 
 def _http_url(value: str, path: str) -> str:
     if not re.match(r"https?://[^/\s]+", value):
-        raise ConfigError(f"expected an http:// or https:// URL, got {value!r}", path)
+        raise ConfigError(f"expected an http:// or https:// URL, got {redact_url(value)!r}", path)
     return value
 
 
-def _couchdb_name(value: str, path: str) -> str:
+def _couchdb_name(value: str | None, path: str) -> str | None:
     # CouchDB's rule for database names.
-    if not re.fullmatch(r"[a-z][a-z0-9_$()+/-]*", value):
+    if value is not None and not re.fullmatch(r"[a-z][a-z0-9_$()+/-]*", value):
         raise ConfigError(
             f"expected a CouchDB database name (lowercase letter, then a-z 0-9 _$()+-/), "
             f"got {value!r}",
             path,
         )
     return value
+
+
+def redact_url(url: str) -> str:
+    """`url` without its userinfo (`http://u:p@h:1/` -> `http://***@h:1/`)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
+
+
+def mask_secret(value: Any) -> Any:
+    """A secret setting as ``dump()`` shows it: a URL loses its userinfo, anything else set
+    becomes ``***``; null stays null (it says where the value comes from instead)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return "***"
+
+
+COUCHDB_DEFAULT_DATABASE = "streamtap"
+
+
+def couchdb_location(url: str, database: str | None) -> tuple[str, str]:
+    """(base path, database) a CouchDB sink talks to (DESIGN "Pinned details": CouchDB URL).
+
+    With ``database`` unset, the URL's last path segment (percent-decoded) is the database and
+    what precedes it the server's base path, as PouchDB and the CouchDB replicator read such a
+    URL: ``http://h/couch/streams/`` -> ("/couch", "streams"). A URL without a path segment
+    keeps the default database ``streamtap``. An explicit ``database`` keeps the whole path as
+    the base (a reverse proxy's prefix). The base path has no trailing slash and stays
+    percent-encoded, as it goes on the wire.
+    """
+    path = urlsplit(url).path.rstrip("/")
+    if database is not None:
+        return path, database
+    base, _, last = path.rpartition("/")
+    if not last:
+        return "", COUCHDB_DEFAULT_DATABASE
+    return base, unquote(last)
 
 
 def _unique_sink_names(value: tuple[SinkConfig, ...], path: str) -> tuple[SinkConfig, ...]:
@@ -438,13 +483,25 @@ class FilesOptions:
 class CouchdbOptions:
     """CouchDB 3.x (or a compatible server) over HTTP, _bulk_docs batches."""
 
-    url: str = setting(check=_http_url, help="Server URL, e.g. http://127.0.0.1:5984 (required).")
-    database: str = setting("streamtap", check=_couchdb_name, help="Database name.")
+    url: str = setting(
+        check=_http_url,
+        secret=True,
+        help="Database URL, e.g. http://127.0.0.1:5984/streams (required): without database, "
+        "the last path segment names the database and what precedes it is the server's base "
+        "path. Credentials (http://user:password@host) are masked in logs and --check-config.",
+    )
+    database: str | None = setting(
+        None,
+        check=_couchdb_name,
+        help="Database name; null = the URL's last path segment (streamtap if the URL has no "
+        "path). When set, the whole URL path is the server's base path.",
+    )
     username: str | None = setting(
         None, help="null = from the URL, else $STREAMTAP_COUCHDB_USER (never logged)."
     )
     password: str | None = setting(
-        None, help="null = from the URL, else $STREAMTAP_COUCHDB_PASSWORD (never logged; prefer "
+        None, secret=True,
+        help="null = from the URL, else $STREAMTAP_COUCHDB_PASSWORD (never logged; prefer "
         "the environment, e.g. the unit's EnvironmentFile)."
     )
     timeout: float = setting(30.0, unit="duration", positive=True, help="HTTP request timeout.")
@@ -463,12 +520,15 @@ class OptionsValidator:
     """A sink validator built from an options dataclass: known keys, types, units, defaults.
 
     ``validator(options, key_path)`` returns the options as a dict with defaults filled in;
-    ``options_cls`` lets ``dump()`` and ``reference_table()`` show units and help.
+    ``options_cls`` lets ``dump()`` and ``reference_table()`` show units and help. ``check``,
+    if given, is called as ``check(options_obj, key_path)`` for rules that span several keys.
     """
 
-    def __init__(self, type_name: str, options_cls: type) -> None:
+    def __init__(self, type_name: str, options_cls: type,
+                 check: Callable[[Any, str], None] | None = None) -> None:
         self.type_name = type_name
         self.options_cls = options_cls
+        self.check = check
 
     def __call__(self, options: Mapping[str, Any], key_path: str) -> dict[str, Any]:
         obj = build(
@@ -478,13 +538,28 @@ class OptionsValidator:
             where=f"for sink type {self.type_name}",
             extra_known=("type", "name"),
         )
+        if self.check is not None:
+            self.check(obj, key_path)
         return dataclasses.asdict(obj)
+
+
+def _couchdb_url_database(options: CouchdbOptions, key_path: str) -> None:
+    # A database named by the URL must be a valid name too: say so now (exit 2), not as an
+    # HTTP 400 from the server once capture has started.
+    if options.database is not None:
+        return
+    _base, database = couchdb_location(options.url, None)
+    try:
+        _couchdb_name(database, join(key_path, "url"))
+    except ConfigError as e:
+        raise ConfigError(f"the URL's last path segment names the database: {e.message}",
+                          e.key_path) from None
 
 
 SINK_TYPES: dict[str, SinkValidator] = {
     "jsonl": OptionsValidator("jsonl", JsonlOptions),
     "pcap": OptionsValidator("pcap", PcapOptions),
-    "couchdb": OptionsValidator("couchdb", CouchdbOptions),
+    "couchdb": OptionsValidator("couchdb", CouchdbOptions, check=_couchdb_url_database),
     "files": OptionsValidator("files", FilesOptions),
 }
 

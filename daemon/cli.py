@@ -1,7 +1,8 @@
 """Command line: tcpdump's habits where they exist (DESIGN "Interfaces").
 
-Exit codes: 0 done, 1 runtime failure (unreadable capture, missing interface), 2 usage or
-config error. A user's mistake gets one line on stderr, never a traceback.
+Exit codes: 0 done, 1 runtime failure (unreadable capture, missing interface, a sink that
+cannot open or write), 2 usage or config error. A user's mistake or a failing sink gets one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -138,20 +139,65 @@ def make_sinks(cfg, interface: str | None = None) -> list:
 
 
 class SinkFailure(Exception):
-    """A sink refused a batch (offline runs stop on it: exit 1)."""
+    """A sink could not open or refused a batch: offline runs stop on it with exit 1 and this
+    one line, `sink NAME: ANSWER` (the server's or the OS's answer)."""
+
+    def __init__(self, sink: Any, answer: str) -> None:
+        super().__init__(f"sink {getattr(sink, 'name', None) or type(sink).__name__}: {answer}")
 
 
-def write_all(sinks: list, streams: list) -> None:
-    """Offline delivery is synchronous: a batch tool should fail loudly and at once. (The
-    daemon puts a SinkRunner with retries and a disk spool in front of each sink instead.)"""
-    from streamtap.sinks.base import OK
+# What a sink may raise from open() or write() for a failure it can state (STYLE F2): the OS's
+# answer (OSError) or its own (streamtap.sinks.base.SinkError, e.g. CouchDB's HTTP 401). Any
+# sink, built-in or plugin, that keeps to this gets the one-line exit 1 offline and the
+# one-line log and retry in the daemon; anything else is a bug and keeps its traceback.
+def _sink_errors() -> tuple[type[BaseException], ...]:
+    from streamtap.sinks.base import SinkError
 
+    return (OSError, SinkError)
+
+
+def open_sinks(sinks: list) -> None:
+    """Open every sink; the first that cannot raises `SinkFailure`."""
+    from streamtap.sinks.base import describe_error
+
+    errors = _sink_errors()
     for sink in sinks:
-        res = sink.write(streams)
-        if res is not None and res.status != OK:
+        try:
+            sink.open()
+        except errors as e:
+            raise SinkFailure(sink, describe_error(e)) from None
+
+
+def write_all(sinks: list, streams: list, failed: set[int] | None = None) -> None:
+    """Offline delivery is synchronous: a batch tool should fail loudly and at once. (The
+    daemon puts a SinkRunner with retries and a disk spool in front of each sink instead.)
+
+    Every sink not in `failed` (ids) gets the batch, even after another one failed; a sink
+    that fails is added to `failed` and the first failure is raised as `SinkFailure`."""
+    from streamtap.sinks.base import OK, describe_error
+
+    errors = _sink_errors()
+    first: SinkFailure | None = None
+    for sink in sinks:
+        if failed is not None and id(sink) in failed:
+            continue
+        try:
+            res = sink.write(streams)
+        except BrokenPipeError:
+            raise
+        except errors as e:
+            failure = SinkFailure(sink, describe_error(e))
+        else:
+            if res is None or res.status == OK:
+                continue
             if "broken pipe" in (res.error or ""):
                 raise BrokenPipeError(res.error)
-            raise SinkFailure(f"sink {sink.name}: {res.error}")
+            failure = SinkFailure(sink, res.error or res.status)
+        if failed is not None:
+            failed.add(id(sink))
+        first = first or failure
+    if first is not None:
+        raise first
 
 
 def _summary_line(stats: dict[str, Any], elapsed: float) -> str:
@@ -183,14 +229,16 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
     count = args.count
     show_progress = not args.quiet and sys.stderr.isatty() and "-" not in args.read
     bar = None
+    failed: set[int] = set()  # sinks that failed: written to no more (not even at the end)
+    opened = False
 
     def deliver(streams: list) -> None:
         if streams:
-            write_all(sinks, streams)
+            write_all(sinks, streams, failed)
 
     try:
-        for s in sinks:
-            s.open()
+        open_sinks(sinks)
+        opened = True
         src = Sources(args.read, bpf)
         if show_progress:
             bar = _progress(src.total_size)
@@ -222,25 +270,28 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
         print(f"streamtap: {e}", file=sys.stderr)
         status = EXIT_RUNTIME
     except OSError as e:
-        # a sink's file: missing directory, permission, full disk
-        print(f"streamtap: {e.filename or 'output'}: {e.strerror}", file=sys.stderr)
+        # not a sink's (those are SinkFailure): e.g. the progress bar's terminal
+        from streamtap.sinks.base import describe_error
+
+        print(f"streamtap: {describe_error(e)}", file=sys.stderr)
         status = EXIT_RUNTIME
     finally:
         if bar is not None:
             bar.close()
-        # the streams read before any damage are still delivered
+        # the streams read before any damage are still delivered (to the sinks still working)
         try:
-            deliver(r.flush())
+            if opened:
+                deliver(r.flush())
         except BrokenPipeError:
             status = EXIT_OK
-        except (OSError, SinkFailure) as e:
+        except SinkFailure as e:
             if status == EXIT_OK:
                 print(f"streamtap: {e}", file=sys.stderr)
                 status = EXIT_RUNTIME
         for s in sinks:
             try:
                 s.close()
-            except OSError:
+            except _sink_errors():
                 pass
     if not args.quiet and status != EXIT_USAGE and (status == EXIT_OK or r.packets):
         print(_summary_line(r.stats, time.monotonic() - started), file=sys.stderr)

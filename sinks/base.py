@@ -18,6 +18,28 @@ RETRY = "retry"
 FATAL = "fatal"
 
 
+class SinkError(Exception):
+    """A sink cannot open or write for a reason it can state: the server's answer (HTTP 401),
+    a refused configuration. Its text is the answer, without the sink's name (callers add it)
+    and without credentials.
+
+    Transport and file-system failures stay `OSError`. The offline CLI turns either into one
+    line and exit 1 (`streamtap: sink NAME: ANSWER`); the daemon's runner logs one line and
+    retries (open) or counts the batch failed (write)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """The one-line answer of a sink failure: `PATH: strerror` for a file-system error (what
+    the OS said, e.g. `/x/out.jsonl: No such file or directory`), the text of a `SinkError` or
+    other `OSError`, and `Type: text` for anything else (a bug: the type helps)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    text = " ".join(str(exc).split())
+    if isinstance(exc, SinkError | OSError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class Result:
     """What `Sink.write` returns: every record of the batch stored (`ok`); try the whole batch
@@ -60,7 +82,8 @@ class Sink:
         self.state_dir = state_dir
 
     def open(self) -> None:
-        """Acquire resources (files, connections). May raise OSError: the runner retries."""
+        """Acquire resources (files, connections). May raise OSError or `SinkError` (with the
+        OS's or the server's answer): offline that ends the run, the daemon's runner retries."""
 
     def write(self, batch: Sequence[Stream]) -> Result:
         """Deliver a batch of completed streams."""

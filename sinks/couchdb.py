@@ -13,6 +13,12 @@ against). One document per stream:
 
 `open()` creates the database if missing and a Mango index `event-start` on `event.start`.
 
+The URL names the database the way PouchDB, the CouchDB replicator and CouchDB clients read it
+(DESIGN "Pinned details": CouchDB URL): `http://127.0.0.1:5984/streams` is the database
+`streams` on the server `http://127.0.0.1:5984`, `http://h/couch/streams` the database `streams`
+behind a proxy prefix `/couch`. When the `database` option is set, the whole URL path is the
+server's base path instead. A URL without a path and without `database` uses `streamtap`.
+
 `write(batch)` maps the server's answers onto the runner's three outcomes (STYLE F2):
 
 | answer                                   | result                                          |
@@ -36,19 +42,21 @@ import email.utils
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
 
+from streamtap.config.schema import COUCHDB_DEFAULT_DATABASE, couchdb_location, redact_url
 from streamtap.record import to_record
 from streamtap.stream import Stream
 
-from .base import Result, Sink
+from .base import Result, Sink, SinkError
 
 __all__ = ["CouchdbError", "CouchdbSink", "encode_doc", "make_doc", "redact_url"]
 
@@ -58,7 +66,7 @@ MIB = 1024**2
 
 DEFAULTS: dict[str, Any] = {
     "url": "http://127.0.0.1:5984",
-    "database": "streamtap",
+    "database": None,  # None: the URL's last path segment, else COUCHDB_DEFAULT_DATABASE
     "username": None,
     "password": None,
     "timeout": 30.0,
@@ -87,11 +95,11 @@ RETRYABLE_4XX = (HTTP_REQUEST_TIMEOUT, HTTP_TOO_MANY_REQUESTS)
 CONFLICT = "conflict"  # the per-document error of a 409: this _id is already stored
 
 
-class CouchdbError(Exception):
+class CouchdbError(SinkError):
     """A permanent failure (bad credentials, forbidden, bad request): retrying will not help.
 
-    `open()` raises it for 4xx answers; connection failures and 5xx raise `OSError` instead,
-    which the runner retries."""
+    `open()` raises it for 4xx answers; connection failures and 5xx raise `OSError` instead.
+    Either text is `DATABASE-URL: answer`, credentials masked."""
 
 
 # --------------------------------------------------------------------------- encoding (offline)
@@ -154,24 +162,32 @@ def _bulk_body(encoded: Sequence[bytes]) -> bytes:
 # --------------------------------------------------------------------------- URL and credentials
 
 
-def redact_url(url: str) -> str:
-    """`url` without its userinfo (`http://u:p@h:1/` -> `http://***@h:1/`)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, "***@" + host, parts.path, parts.query, parts.fragment))
-
-
-def _split_url(url: str) -> tuple[str, str, str | None, str | None]:
-    """(scheme://host:port, base path without trailing slash, user, password) of `url`."""
+def _split_url(url: str) -> tuple[str, str | None, str | None]:
+    """(scheme://host:port, user, password) of `url`."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {redact_url(url)!r}")
     host = parts.netloc.rpartition("@")[2]
     user = unquote(parts.username) if parts.username is not None else None
     password = unquote(parts.password) if parts.password is not None else None
-    return f"{parts.scheme}://{host}", parts.path.rstrip("/"), user, password
+    return f"{parts.scheme}://{host}", user, password
+
+
+# urllib3 prefixes its messages with the connection's repr, e.g. "HTTPConnection(host='h',
+# port=1): " or "<urllib3.connection.HTTPConnection object at 0x7f...>: ": noise in a log line.
+_CONN_REPR = re.compile(r"\w+\(host=[^)]*\):\s*|<[^<>]* object at 0x[0-9a-f]+>:?\s*")
+
+
+def _transport_reason(exc: Urllib3Error) -> str:
+    """What went wrong on the wire, in one line: `cannot connect: Connection refused`."""
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, NameResolutionError | NewConnectionError):
+        what = ("cannot resolve the host" if isinstance(exc, NameResolutionError)
+                else "cannot connect")
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{what}: {cause.strerror}"
+        return f"{what}: {_CONN_REPR.sub('', str(exc))}"
+    return f"{type(exc).__name__}: {_CONN_REPR.sub('', str(exc))}"
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -231,17 +247,20 @@ class CouchdbSink(Sink):
         super().__init__(name, options, interface=interface, state_dir=state_dir)
         opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
         self.url = str(opts["url"])
-        self.database = str(opts["database"])
         self.timeout = float(opts["timeout"])
         self.max_attachment = int(opts["max_attachment"]) or None
         self.batch_docs = max(1, int(opts["batch_docs"]))
         self.batch_bytes = max(1, int(opts["batch_bytes"]))
 
-        self._origin, base_path, url_user, url_password = _split_url(self.url)
+        self._origin, url_user, url_password = _split_url(self.url)
+        base_path, database = couchdb_location(self.url, opts["database"])
+        self.database = database or COUCHDB_DEFAULT_DATABASE
         user = opts["username"] or url_user or os.environ.get(ENV_USER) or None
         password = opts["password"] or url_password or os.environ.get(ENV_PASSWORD) or None
         self._secrets = [x for x in (password, user) if x]
         self._db_path = f"{base_path}/{quote(self.database, safe='')}"
+        # where errors say they went: the database's URL, credentials left out
+        self.location = redact_url(self._origin + self._db_path)
         self._headers = {"Accept": "application/json", "Content-Type": "application/json"}
         if user is not None:
             token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
@@ -299,8 +318,9 @@ class CouchdbSink(Sink):
             self.last_status = r.status
             return _Response(r.status, r.data, r.headers)
         self.last_status = None
-        self.last_error = self._redact(f"{type(error).__name__}: {error}")
-        raise ConnectionError(f"couchdb {redact_url(self.url)}: {self.last_error}")
+        assert error is not None
+        self.last_error = self._redact(_transport_reason(error))
+        raise ConnectionError(f"{self.location}: {self.last_error}")
 
     def _fail(self, what: str, r: _Response) -> str:
         self.last_error = self._redact(f"{what}: HTTP {r.status} {r.reason()}")
@@ -319,7 +339,7 @@ class CouchdbSink(Sink):
             if r.status == HTTP_PRECONDITION_FAILED:  # created meanwhile by someone else
                 r = _Response(200, b"", {})
         if not 200 <= r.status < 300:
-            message = self._fail(f"database {self.database}", r)
+            message = self._fail(self.location, r)
             if r.status >= 500 or r.status in RETRYABLE_4XX:
                 raise ConnectionError(message)
             raise CouchdbError(message)
@@ -434,6 +454,7 @@ class CouchdbSink(Sink):
         return {
             "url": redact_url(self.url),
             "database": self.database,
+            "location": self.location,
             "last_status": self.last_status,
             "last_error": self.last_error,
             "index": self.index,

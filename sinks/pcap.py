@@ -54,6 +54,7 @@ the open files and returns ``Result.retry``: a retry never duplicates packets.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import re
 import string
@@ -260,6 +261,10 @@ class PcapSink(Sink):
     # ------------------------------------------------------------------ contract
 
     def open(self) -> None:
+        """Create `dir` if missing. Raises OSError (the OS's answer, with the path)."""
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            # makedirs would say "File exists", which reads as success
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), self.dir)
         os.makedirs(self.dir, exist_ok=True)
 
     def write(self, batch: Sequence[Stream]) -> Result:

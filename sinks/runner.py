@@ -41,7 +41,7 @@ from typing import Any
 
 from streamtap.stream import Stream
 
-from .base import FATAL, OK, Result, Sink
+from .base import FATAL, OK, Result, Sink, SinkError, describe_error
 from .codec import decode, encode
 from .spool import Spool, Token
 
@@ -288,19 +288,19 @@ class SinkRunner:
             if not self._opened:
                 try:
                     self.sink.open()
-                except OSError as exc:
-                    return Result.retry(None, f"open: {exc}")
                 except Exception as exc:
-                    # e.g. CouchDB refusing the credentials: nothing was sent, so keep the
-                    # records (queue, then spool) and retry with backoff until the operator
-                    # fixes it, rather than dropping every batch as failed
-                    log.error("sink %s: open failed: %s", getattr(self.sink, "name", "?"), exc)
-                    return Result.retry(None, f"open: {exc}")
+                    # OSError, or e.g. CouchDB refusing the credentials (SinkError): nothing
+                    # was sent, so keep the records (queue, then spool) and retry with backoff
+                    # until the operator fixes it, rather than dropping every batch as failed.
+                    # _deliver logs it, once per attempt, as one line (no traceback).
+                    return Result.retry(None, f"open: {describe_error(exc)}")
                 self._opened = True
             try:
                 res = self.sink.write(batch)
             except OSError as exc:
-                return Result.retry(None, f"write: {exc}")
+                return Result.retry(None, f"write: {describe_error(exc)}")
+            except SinkError as exc:  # stated by the sink: one line, not a traceback
+                return Result.fatal(f"write: {describe_error(exc)}")
             except Exception as exc:  # a bug in the sink: do not retry it forever
                 log.exception("sink %s: write raised", getattr(self.sink, "name", "?"))
                 return Result.fatal(f"write raised {exc!r}")

@@ -8,7 +8,10 @@
         server.stop(); server.start()      # an outage: same port, down then up again
 
 `CouchServer(data_dir=...)` keeps the databases on disk (LevelDB) instead, so they survive
-`stop()`/`start()`. The server's working directory (its config.json and log.txt) is a temporary
+`stop()`/`start()`. `CouchServer(admins={"admin": "pw"})` ends the admin party: a request with
+other credentials gets `401 unauthorized` ("Name or password is incorrect."). (pouchdb-server
+4.2 crashes on an anonymous PUT /{db} once admins exist: send credentials, right or wrong.)
+The server's working directory (its config.json and log.txt) is a temporary
 directory, removed at exit. A missing binary raises `PouchdbMissing`; the pytest fixtures turn
 that into a failure, never a skip.
 """
@@ -60,12 +63,17 @@ def free_port() -> int:
 class CouchServer:
     """One pouchdb-server process; restartable on the same port."""
 
-    def __init__(self, port: int | None = None, data_dir: str | os.PathLike[str] | None = None):
+    def __init__(self, port: int | None = None, data_dir: str | os.PathLike[str] | None = None,
+                 admins: dict[str, str] | None = None):
         self.binary = binary()
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = None if data_dir is None else str(data_dir)
         self._workdir = tempfile.mkdtemp(prefix="pouchdb-")
+        if admins:
+            # plain passwords: pouchdb-server hashes them into this file at start
+            with open(os.path.join(self._workdir, "config.json"), "w") as fh:
+                json.dump({"admins": admins}, fh)
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------

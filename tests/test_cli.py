@@ -11,12 +11,14 @@ import base64
 import hashlib
 import ipaddress
 import json
+import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from couchserver import CouchServer, PouchdbMissing, free_port
 from pcapbuild import Conversation, write_pcap, write_pcapng
 
 from streamtap import __version__
@@ -513,17 +515,119 @@ def test_unsupported_linktype_exits_1(tmp_path: Path):
     assert b"147" in proc.stderr
 
 
+# --------------------------------------------------------------------------- a sink that fails
+# Offline, a sink that cannot open or write ends the run: exit 1, one line on stderr naming the
+# sink and the OS's or the server's answer, never a traceback.
+
+
+def one_line(proc: subprocess.CompletedProcess[bytes]) -> str:
+    lines = proc.stderr.decode(errors="replace").splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def couch_server(**kw) -> CouchServer:
+    try:
+        return CouchServer(**kw)
+    except PouchdbMissing as exc:  # a missing pouchdb-server fails, never skips
+        pytest.fail(str(exc), pytrace=False)
+
+
 def test_sink_path_in_missing_directory_is_one_line_not_a_traceback(http_pcap: Path,
                                                                     tmp_path: Path):
-    """BUG (daemon/cli.py run_offline / sinks/jsonl.py JsonlSink.open): the sink's OSError is
-    not caught, so the user gets a FileNotFoundError traceback instead of one line."""
     out = tmp_path / "no-such-dir" / "out.jsonl"
-    proc = subprocess.run([str(STREAMTAP), "-r", str(http_pcap), "--sink", f"jsonl:{out}"],
-                          capture_output=True, timeout=60)
-    err = proc.stderr.decode(errors="replace")
-    assert "Traceback" not in err, err
+    proc = run("-r", http_pcap, "--sink", f"jsonl:{out}")
     assert proc.returncode == 1
-    assert str(out) in err
+    assert one_line(proc) == f"streamtap: sink jsonl: {out}: No such file or directory"
+    assert proc.stdout == b""
+
+
+def test_sink_path_in_read_only_directory(http_pcap: Path, tmp_path: Path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    out = ro / "out.jsonl"
+    argv = [str(STREAMTAP), "-r", str(http_pcap), "--sink", f"jsonl:{out}"]
+    if os.geteuid() == 0:  # root writes anywhere: run without CAP_DAC_OVERRIDE
+        argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *argv]
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=60)
+    finally:
+        ro.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert one_line(proc) == f"streamtap: sink jsonl: {out}: Permission denied"
+    assert not out.exists()
+
+
+def test_sink_pcap_dir_that_is_a_regular_file(http_pcap: Path, tmp_path: Path):
+    # (a `files` sink's directory is opened the same way: OSError -> this one line)
+    f = tmp_path / "not-a-dir"
+    f.write_bytes(b"x")
+    proc = run("-r", http_pcap, "--sink", f"pcap:{f}")
+    assert proc.returncode == 1
+    assert one_line(proc) == f"streamtap: sink pcap: {f}: Not a directory"
+    proc = run("-r", http_pcap, "--sink", f"pcap:{f}/sub")
+    assert proc.returncode == 1
+    assert one_line(proc) == f"streamtap: sink pcap: {f}/sub: Not a directory"
+    assert f.read_bytes() == b"x"
+
+
+def test_sink_write_failure_is_one_line_and_other_sinks_get_the_streams(http_pcap: Path,
+                                                                       tmp_path: Path):
+    good = tmp_path / "good.jsonl"
+    proc = run("-r", http_pcap, "-q", "--sink", "jsonl:/dev/full", "--sink", f"jsonl:{good}")
+    assert proc.returncode == 1
+    assert one_line(proc) == "streamtap: sink jsonl: /dev/full: No space left on device"
+    assert len(records(good.read_bytes())) == 1
+
+
+def test_couchdb_unreachable_is_one_line(http_pcap: Path):
+    port = free_port()  # nobody listens there: connection refused
+    proc = run("-r", http_pcap, "--sink", f"couchdb:http://u:hunter22@127.0.0.1:{port}/streams")
+    assert proc.returncode == 1
+    assert one_line(proc) == (f"streamtap: sink couchdb: http://127.0.0.1:{port}/streams: "
+                              "cannot connect: Connection refused")
+
+
+def test_couchdb_401_is_one_line_without_the_password(http_pcap: Path):
+    with couch_server(admins={"admin": "right-pw"}) as server:
+        url = server.url.replace("://", "://admin:wrong-pw@") + "/streams"
+        proc = run("-r", http_pcap, "--sink", f"couchdb:{url}")
+    assert proc.returncode == 1
+    assert one_line(proc) == (f"streamtap: sink couchdb: {server.url}/streams: "
+                              "HTTP 401 unauthorized: Name or password is incorrect.")
+
+
+def test_couchdb_url_names_the_database(two_ports_pcap: Path):
+    """Issue 8.2: `couchdb:http://h:5984/streams` writes to the database `streams` (it used to
+    PUT /streams/streamtap and fail with 404 no_db_file)."""
+    with couch_server(admins={"admin": "pw"}) as server:
+        url = server.url.replace("://", "://admin:pw@")
+        proc = run("-r", two_ports_pcap, "-q", "--sink", f"couchdb:{url}/streams/")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == b""
+        auth = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
+        status, body = server.request("GET", "/streams/_all_docs", headers=auth)
+        assert status == 200
+        assert len([r for r in body["rows"] if not r["id"].startswith("_design/")]) == 2
+        assert server.request("GET", "/streamtap", headers=auth)[0] == 404
+
+
+def test_check_config_masks_couchdb_credentials(tmp_path: Path):
+    proc = run("--check-config", "--sink", "couchdb:http://admin:hunter22@127.0.0.1:5984/db")
+    assert proc.returncode == 0
+    out = proc.stdout.decode()
+    assert "hunter22" not in out and "admin" not in out
+    assert "url: http://***@127.0.0.1:5984/db" in out and "database: null" in out
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sinks:\n  - type: couchdb\n    url: http://h:5984\n"
+                   "    username: u\n    password: hunter22\n")
+    out = run("--check-config", "--config", cfg).stdout.decode()
+    assert "hunter22" not in out and "password: '***'" in out
+    bad = run("--check-config", "--sink", "couchdb:http://admin:hunter22@127.0.0.1:5984/Db")
+    assert bad.returncode == 2
+    line = one_line(bad)
+    assert "last path segment" in line and "hunter22" not in line
 
 
 def test_reader_leaving_early_is_not_an_error(tmp_path: Path):

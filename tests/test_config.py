@@ -630,7 +630,7 @@ def test_sink_options_get_defaults() -> None:
     assert pcap.name == "packets" and pcap.options["dir"] == "/tmp/p"
     assert pcap.options["mode"] == "per_stream" and pcap.options["max_open_files"] == 256
     assert couch.options["url"] == "http://127.0.0.1:5984"
-    assert couch.options["database"] == "streamtap"
+    assert couch.options["database"] is None  # not set: the URL names it (no path: streamtap)
     # a pcap sink needs the packets: the reassembler is told to keep them
     assert cfg.reassembly.keep_packets and not default().reassembly.keep_packets
 
@@ -660,6 +660,60 @@ def test_sink_registry_can_be_extended(monkeypatch: pytest.MonkeyPatch) -> None:
         loads("sinks: [{type: nats}]")
     assert "kafka" in dump(cfg)
     assert loads(dump(cfg)) == cfg
+
+
+# --------------------------------------------------------------------------- CouchDB URL
+
+
+@pytest.mark.parametrize(("url", "database", "expected"), [
+    # DESIGN "Pinned details": without database, the last path segment is the database
+    ("http://127.0.0.1:5984/streams", None, ("", "streams")),
+    ("http://127.0.0.1:5984/streams/", None, ("", "streams")),
+    ("http://h/couch/streams", None, ("/couch", "streams")),
+    ("http://h/a/b/streams//", None, ("/a/b", "streams")),
+    ("http://h:5984/my%2Fdb", None, ("", "my/db")),
+    ("http://h:5984/a%24b", None, ("", "a$b")),
+    ("http://u:p@h:5984/db", None, ("", "db")),
+    # no path segment: the old default name
+    ("http://127.0.0.1:5984", None, ("", "streamtap")),
+    ("http://127.0.0.1:5984/", None, ("", "streamtap")),
+    # an explicit database keeps the whole path as the base
+    ("http://127.0.0.1:5984", "x", ("", "x")),
+    ("http://h/couch/", "streams", ("/couch", "streams")),
+    ("http://h/couch/streams", "other", ("/couch/streams", "other")),
+])
+def test_couchdb_location(url: str, database: str | None, expected: tuple[str, str]) -> None:
+    assert config.schema.couchdb_location(url, database) == expected
+
+
+def test_couchdb_database_named_by_the_url_is_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads("sinks:\n  - type: couchdb\n    url: http://u:hunter22@h:5984/Streams\n")
+    e = info.value
+    assert e.key_path == "sinks[0].url" and e.line == 3  # the url line
+    assert "last path segment" in e.message and "'Streams'" in e.message
+    assert "hunter22" not in str(e)
+    # the same segment is only a base path when database is set
+    cfg = loads("sinks: [{type: couchdb, url: 'http://h/Proxy', database: streams}]")
+    assert cfg.sinks[0].options["database"] == "streams"
+    with pytest.raises(ConfigError, match="expected an http") as info:
+        loads("sinks: [{type: couchdb, url: 'ftp://u:hunter22@h/x'}]")
+    assert "hunter22" not in str(info.value)
+
+
+def test_dump_masks_couchdb_credentials() -> None:
+    cfg = loads("sinks:\n  - type: couchdb\n    url: http://admin:hunter22@h:5984/streams\n"
+                "    username: admin\n    password: s3cr3t-pw\n")
+    text = dump(cfg)
+    assert "hunter22" not in text and "s3cr3t-pw" not in text
+    assert "url: http://***@h:5984/streams" in text and "password: '***'" in text
+    assert "database: null" in text  # not set: the URL names it
+    shown = dump(cfg, redact=False)
+    assert "hunter22" in shown and "s3cr3t-pw" in shown
+    assert loads(shown) == cfg
+    # nothing set, nothing masked: null stays null
+    plain = dump(loads("sinks: [{type: couchdb, url: 'http://h:5984/db'}]"))
+    assert "password: null" in plain and "url: http://h:5984/db" in plain
 
 
 # --------------------------------------------------------------------------- control.listen

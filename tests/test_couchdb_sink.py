@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import logging
 import os
 import random
 import sys
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -483,6 +485,116 @@ def test_open_failures() -> None:
         assert (sink.index or "").startswith("unavailable")
     finally:
         fake.close()
+
+
+# --------------------------------------------------------------------------- the URL names the db
+
+
+@pytest.mark.parametrize(("suffix", "database", "db_path", "name"), [
+    # DESIGN "Pinned details": without database, the URL's last path segment is the database
+    ("/streams", None, "/streams", "streams"),
+    ("/streams/", None, "/streams", "streams"),
+    ("/my%2Fdb", None, "/my%2Fdb", "my/db"),
+    ("/couch/streams", None, "/couch/streams", "streams"),
+    ("/couch/streams/", None, "/couch/streams", "streams"),
+    # an explicit database keeps the whole path as the base
+    ("/couch", "streams", "/couch/streams", "streams"),
+    ("/couch/", "streams", "/couch/streams", "streams"),
+    # no path segment, no database: the old default name
+    ("", None, "/streamtap", "streamtap"),
+    ("/", None, "/streamtap", "streamtap"),
+])
+def test_url_names_the_database(fake: FakeCouch, suffix: str, database: str | None,
+                                db_path: str, name: str) -> None:
+    options: dict[str, Any] = {"url": fake.url + suffix}
+    if database is not None:
+        options["database"] = database
+    sink = CouchdbSink("couch", options)
+    sink.open()
+    assert sink.write(make_streams(2)).status == OK
+    assert [f"{m} {p}" for m, p, _, _ in fake.requests] == [
+        f"GET {db_path}", f"POST {db_path}/_index", f"POST {db_path}/_bulk_docs"]
+    assert sink.database == name
+    assert sink.health()["location"] == fake.url + db_path
+    sink.close()
+
+
+def test_url_names_the_database_on_pouchdb(pouch: CouchServer, db: str) -> None:
+    """The issue's case: `.../streams` used to be taken as a proxy prefix (PUT /streams/streamtap,
+    HTTP 404 no_db_file)."""
+    first, second = make_streams(3, seed=11), make_streams(3, seed=12, first=50)
+    for url, batch in ((f"{pouch.url}/{db}", first), (f"{pouch.url}/{db}/", second)):
+        sink = CouchdbSink("couch", {"url": url})
+        sink.open()
+        assert sink.write(batch).status == OK
+        sink.close()
+    assert sorted(pouch.doc_ids(db)) == sorted(s.id for s in first + second)
+    assert pouch.request("GET", f"/{db}/streamtap")[0] == 404  # no nested database
+
+
+def test_credentials_in_a_database_url_work_and_stay_masked(db: str) -> None:
+    with _server(admins={USER: SECRET}) as server:
+        auth = server.url.replace("://", f"://{USER}:{quote(SECRET, safe='')}@")
+        sink = CouchdbSink("couch", {"url": f"{auth}/{db}"})
+        sink.open()
+        assert sink.write(make_streams(2, seed=13)).status == OK
+        token = base64.b64encode(f"{USER}:{SECRET}".encode()).decode()
+        status, rows = server.request("GET", f"/{db}/_all_docs",
+                                      headers={"Authorization": f"Basic {token}"})
+        assert status == 200 and len([r for r in rows["rows"]
+                                      if not r["id"].startswith("_design/")]) == 2
+        health = json.dumps(sink.health())
+        assert SECRET not in health and USER not in health and token not in health
+        assert sink.health()["location"] == f"{server.url}/{db}"
+        sink.close()
+
+        wrong = "not-the-pa55word"
+        bad = CouchdbSink("couch", {"url": f"{server.url.replace('://', f'://{USER}:{wrong}@')}"
+                                           f"/{db}"})
+        with pytest.raises(CouchdbError) as info:
+            bad.open()
+        text = str(info.value)
+        assert text == (f"{server.url}/{db}: HTTP 401 unauthorized: "
+                        "Name or password is incorrect.")
+        assert wrong not in text + json.dumps(bad.health())
+
+
+def test_runner_logs_one_line_per_failed_open(caplog: pytest.LogCaptureFixture) -> None:
+    """The daemon's path: a sink that cannot open (401, then unreachable) is one log line per
+    attempt, no traceback; the records wait (queue/spool) and are stored once it opens."""
+    from streamtap.sinks.runner import SinkRunner
+
+    answers = [(401, {}, {"error": "unauthorized", "reason": "Name or password is incorrect."})]
+    fake = FakeCouch(lambda m, p, b: answers[0] if answers else FakeCouch.couch_like(m, p, b))
+    secret_url = fake.url.replace("://", f"://{USER}:{quote(SECRET, safe='')}@") + "/streams"
+    sink = CouchdbSink("archive", {"url": secret_url, "timeout": 2})
+    tries: list[float] = []
+
+    def sleep(delay: float) -> None:
+        tries.append(delay)
+        if len(tries) == 2:
+            answers.clear()  # the operator fixed the credentials
+
+    runner = SinkRunner(sink, spool_dir=None, batch_age=0.01, rng=random.Random(0), sleep=sleep)
+    streams = make_streams(3, seed=14)
+    try:
+        with caplog.at_level(logging.INFO, logger="streamtap"):
+            runner.submit(streams)
+            runner.start()
+            deadline = time.monotonic() + 10
+            while sink.stored < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            runner.stop(5)
+    finally:
+        fake.close()
+    assert sink.stored == 3 and runner.stats()["records"]["ok"] == 3
+    mine = [r for r in caplog.records if "archive" in r.getMessage()]
+    assert len(mine) == 2, [r.getMessage() for r in mine]  # one line per failed attempt
+    for r in mine:
+        line = r.getMessage()
+        assert r.exc_info is None and "\n" not in line
+        assert "HTTP 401 unauthorized: Name or password is incorrect." in line
+        assert f"{fake.url}/streams" in line and SECRET not in line and USER not in line
 
 
 def test_outage_then_recovery_stores_each_doc_once(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.base import Result, Sink, SinkError
 from streamtap.sinks.codec import encode
 from streamtap.sinks.runner import SinkRunner, backoff_full_jitter
 from streamtap.sinks.spool import HEADER, Spool
@@ -179,6 +179,43 @@ def test_open_oserror_is_a_retry():
     assert sink.opened == 3
     assert r.stats()["records"]["retried"] == 4
     assert sink.delivered() == [0, 1]
+
+
+def test_sink_failures_are_one_log_line_without_traceback(caplog):
+    """Any sink (a plugin too) that raises OSError or SinkError: one line per attempt naming the
+    sink and the answer; open failures are retried, a SinkError from write fails the batch."""
+    import logging
+
+    class Stated(FakeSink):
+        def open(self) -> None:
+            self.opened += 1
+            if self.opened == 1:
+                raise FileNotFoundError(2, "No such file or directory", "/x/out")
+            if self.opened == 2:
+                raise SinkError("server said: HTTP 401 unauthorized")
+
+        def write(self, batch):
+            if 0 in ids(batch):
+                raise SinkError("server said: HTTP 400 bad_request")
+            return super().write(batch)
+
+    sink = Stated()
+    r = SinkRunner(sink, spool_dir=None, batch_records=1, batch_age=0.01,
+                   rng=random.Random(0), sleep=lambda d: None)
+    with caplog.at_level(logging.INFO, logger="streamtap"):
+        r.submit([mk(0), mk(1)])
+        r.start()
+        sink.wait_for(1)
+        r.stop(2)
+    assert sink.opened == 3 and sink.delivered() == [1]
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert all(rec.exc_info is None for rec in caplog.records)
+    d1, d2 = r.backoffs
+    assert lines == [
+        f"sink fake: retry 1 in {d1:.2f} s: open: /x/out: No such file or directory",
+        f"sink fake: retry 2 in {d2:.2f} s: open: server said: HTTP 401 unauthorized",
+        "sink fake: 1 records failed: write: server said: HTTP 400 bad_request",
+    ]
 
 
 def test_sink_down_with_tiny_queue_spools_then_replays_in_order(tmp_path):

@@ -159,3 +159,48 @@ def test_outage_and_leftover_spool_store_every_stream_once(couch, tmp_path: Path
                 p.kill()
                 p.wait(5)
         echo.close()
+
+
+def test_sink_that_cannot_open_logs_one_line_per_attempt_and_spools(tmp_path: Path) -> None:
+    """The daemon (supervisor + sink runner) with a CouchDB answering 401: capture goes on; each
+    failed attempt is one log line naming the sink and the server's answer (no traceback, no
+    password); the records wait in the spool."""
+    couch = CouchServer(admins={"admin": "right-pw"})
+    couch.start()
+    echo = EchoServer()
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"capture: {{filter: 'tcp port {echo.port}'}}\n"
+        f"reassembly: {{timeouts: {{fin_linger: 0.5s}}}}\n"
+        f"logging: {{format: json}}\n"
+        f"sinks:\n  - type: couchdb\n"
+        f"    url: {couch.url.replace('://', '://admin:wrong-pw@')}/streams\n"
+    )
+    d = start_daemon(tmp_path, cfg, 1)
+    try:
+        sock = tmp_path / "ctl.sock"
+        assert wait(lambda: status(sock) is not None, 20), "daemon not up"
+        time.sleep(0.5)
+        connect(echo.port, 5)
+        assert wait(lambda: "401" in json.dumps((status(sock) or {}).get("sinks")), 20)
+        d.send_signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+    finally:
+        if d.poll() is None:
+            d.kill()
+            d.wait(5)
+        echo.close()
+        couch.close()
+    text = (tmp_path / "stderr-1.txt").read_text()
+    assert "wrong-pw" not in text
+    lines = [json.loads(line) for line in text.splitlines()]  # a traceback would not parse
+    assert not any("exception" in x for x in lines)
+    mine = [x["message"] for x in lines if "sink couchdb" in x["message"]]
+    failed = [m for m in mine if "401" in m]
+    assert failed, mine
+    for m in failed:
+        assert "retry" in m and (f"{couch.url}/streams: HTTP 401 unauthorized: "
+                                 "Name or password is incorrect.") in m
+    assert len(failed) == len([m for m in mine if "retry" in m])  # no second line per attempt
+    spool = tmp_path / "state" / "lo" / "spool" / "couchdb"
+    assert any(spool.glob("*.seg")), "records should have been spooled"
