@@ -145,6 +145,11 @@ class Reassembler:
             "skipped": dict(self.skipped),
             "gaps": t["gaps"],
             "missed_bytes": self.table.gap_bytes,
+            # late fill (README "Policies"): segments and bytes that filled a skipped hole, and
+            # late bytes the depth limit refused (they stay in their gap)
+            "late_filled_segments": t["late_filled_segments"],
+            "late_filled_bytes": t["late_filled_bytes"],
+            "late_dropped_bytes": t["late_dropped_depth_bytes"],
             "flows_active": self.table.nflows,
         }
 
