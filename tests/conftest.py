@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,17 @@ def corpus_dir() -> Path:
     if os.environ.get("STREAMTAP_REQUIRE_CORPUS") == "1":
         pytest.fail(reason + " (STREAMTAP_REQUIRE_CORPUS=1)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def oracle_tools() -> dict[str, str]:
+    """Paths of `tshark` and `tcpflow`, the corpus's two oracles, for tests that run them on a
+    capture they build. Missing: a loud skip, or a failure with STREAMTAP_REQUIRE_CORPUS=1."""
+    tools = {name: shutil.which(name) for name in ("tshark", "tcpflow")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing:
+        reason = f"{', '.join(missing)} not on PATH: the oracle comparison did NOT run"
+        if os.environ.get("STREAMTAP_REQUIRE_CORPUS") == "1":
+            pytest.fail(reason + " (STREAMTAP_REQUIRE_CORPUS=1)")
+        pytest.skip(reason)
+    return {name: path for name, path in tools.items() if path is not None}
