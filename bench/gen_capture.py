@@ -7,8 +7,14 @@ Writes a classic pcap (Ethernet, microsecond timestamps) of many interleaved TCP
 IPv4 and IPv6 (about 70/30), with 3-way handshakes, MTU-sized segments (1500-byte IP packets,
 TCP timestamp option on every segment), delayed ACKs (one per two segments), request/response,
 upload and chatty shapes, FIN close on most, RST on a few, refused connections, a few left open,
-~1 % of data segments swapped with the next one and ~1 % sent twice, random ISNs (some just
-below 2**32 so the sequence numbers wrap). Checksums (IPv4 header, TCP) are correct.
+~1 % of data segments swapped with the next one and ~1 % sent twice, ~0.5 % of acknowledged
+data segments captured just after the ACK that covers them (the two directions of a SPAN port or
+an aggregating tap reach the sensor by different paths), random ISNs (some just below 2**32 so
+the sequence numbers wrap). Checksums (IPv4 header, TCP) are correct.
+
+`--truth FILE` also writes what every connection really carried, one JSON object per line
+(client, server as [ip, port]; client_len, client_sha256, server_len, server_sha256), so a
+reassembler's output can be checked byte-exact (bench/offline.py does).
 
 Stdlib only; the same seed gives the same bytes. Payloads are slices of a 1 MiB random block.
 """
@@ -16,11 +22,15 @@ Stdlib only; the same seed gives the same bytes. Payloads are slices of a 1 MiB 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import random
+import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 EPOCH = 1_700_000_000  # first packet's second (2023-11-14)
@@ -31,6 +41,7 @@ PAYLOAD4 = MTU - 20 - 32  # 1448: IPv4 + TCP with NOP NOP TS
 PAYLOAD6 = MTU - 40 - 32  # 1428: IPv6 + TCP with NOP NOP TS
 REORDER = 0.01  # a data segment swapped with the next one
 RETRANSMIT = 0.01  # a data segment sent twice
+LATE = 0.005  # an acknowledged data segment captured after the ACK that covers it
 SPAN_US = 20_000_000  # connection start times are spread over 20 s
 
 _ETH = struct.Struct("!6s6sH")
@@ -68,6 +79,7 @@ class _Side:
     flow: int  # IPv6 flow label
     win: int
     nxt: int = 0  # payload bytes sent so far
+    sent: Any = field(default_factory=hashlib.sha256)  # of those bytes: the truth
     fin: int = 0  # 1 once a FIN was sent (consumes one sequence number)
     ip_id: int = 0
 
@@ -174,23 +186,37 @@ class _Conn:
         base = self.seq(snd)
         ack = self.seq(rcv)
         last = len(segs) - 1
+        # the receiver's ACKs: every second segment and the last, one RTT after the latest
+        # segment so far; planned before any segment is delayed, since only the sensor sees late
+        acks_at: list[tuple[int, int]] = []  # (time, relative offset acknowledged)
+        tmax = 0
+        for k, (ts, o, ln) in enumerate(segs):
+            tmax = max(tmax, ts)
+            if acks and (k & 1 or k == last):
+                acks_at.append((tmax + self.rtt, o + ln))
+        t_last = max([t] + [ts for ts, _, _ in segs])
+        if acks_at:
+            # late capture: its own RNG, so the rest of the capture is the same as without it
+            late_rng = self.gen.late_rng
+            ai = 0
+            for seg in segs:
+                while acks_at[ai][1] < seg[1] + seg[2]:
+                    ai += 1
+                if late_rng.random() < LATE:
+                    seg[0] = acks_at[ai][0] + late_rng.randint(1, 300)
+                    self.gen.late += 1
         view = memoryview(data)
-        t_last = t
         for k, (ts, o, ln) in enumerate(segs):
             flags = ACK | PSH if k == last else ACK
             chunk = bytes(view[o : o + ln])
             self.emit(ts, from_client, flags, base + o, ack, chunk)
             if rng.random() < RETRANSMIT:
                 self.emit(ts + max(1, self.rtt // 2), from_client, flags, base + o, ack, chunk)
-            t_last = max(t_last, ts)
         snd.nxt += n
-        if acks:
-            rseq = self.seq(rcv)
-            tmax = 0
-            for k, (ts, o, ln) in enumerate(segs):
-                tmax = max(tmax, ts)
-                if k & 1 or k == last:
-                    self.emit(tmax + self.rtt, not from_client, ACK, rseq, base + o + ln)
+        snd.sent.update(data)
+        rseq = self.seq(rcv)
+        for ts, end in acks_at:
+            self.emit(ts, not from_client, ACK, rseq, base + end)
         return t_last
 
     def close_fin(self, t: int, client_first: bool) -> None:
@@ -216,6 +242,8 @@ class _Conn:
 class Generator:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
+        self.late_rng = random.Random(seed + 0x1A7E)
+        self.late = 0  # segments captured after the ACK that covers them
         self.block = self.rng.randbytes(BLOCK_SIZE)
         self.hexblock = self.block[:4096].hex().encode()
         self.events: list[tuple[int, int, bytes]] = []
@@ -387,12 +415,32 @@ class Generator:
         return best
 
 
-def generate(path: str, packets: int = 150_000, connections: int = 1600, seed: int = 1) -> dict:
-    """Write the capture to `path`; returns its figures."""
+def truth(gen: Generator) -> list[dict]:
+    """What each connection carried, both directions: lengths and SHA-256 of the bytes."""
+    out = []
+    for conn in gen.conns:
+        fam = socket.AF_INET6 if conn.v6 else socket.AF_INET
+        c, s = conn.c, conn.s
+        out.append({
+            "client": [socket.inet_ntop(fam, c.ip), c.port],
+            "server": [socket.inet_ntop(fam, s.ip), s.port],
+            "client_len": c.nxt, "client_sha256": c.sent.hexdigest(),
+            "server_len": s.nxt, "server_sha256": s.sent.hexdigest(),
+        })
+    return out
+
+
+def generate(path: str, packets: int = 150_000, connections: int = 1600, seed: int = 1,
+             truth_path: str | None = None) -> dict:
+    """Write the capture to `path` (and the truth to `truth_path`); returns its figures."""
     t0 = time.perf_counter()
     gen = Generator(seed)
     gen.generate(packets, connections)
     size = gen.write(path)
+    if truth_path:
+        with open(truth_path, "w", encoding="utf-8") as f:
+            for rec in truth(gen):
+                f.write(json.dumps(rec) + "\n")
     v6 = sum(1 for c in gen.conns if c.v6)
     return {
         "path": path,
@@ -404,6 +452,7 @@ def generate(path: str, packets: int = 150_000, connections: int = 1600, seed: i
         "bytes": size,
         "duration_s": round((gen.events[-1][0] - gen.events[0][0]) / 1e6, 3),
         "seed": seed,
+        "late_segments": gen.late,
         "generation_s": round(time.perf_counter() - t0, 3),
     }
 
@@ -414,13 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packets", type=int, default=150_000, help="minimum packets (150000)")
     ap.add_argument("--connections", type=int, default=1600, help="minimum connections (1600)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--truth", metavar="FILE",
+                    help="also write every connection's true bytes (lengths, SHA-256) as JSONL")
     args = ap.parse_args(argv)
-    info = generate(args.out, args.packets, args.connections, args.seed)
+    info = generate(args.out, args.packets, args.connections, args.seed, args.truth)
     print(
         f"{info['path']}: {info['packets']} packets, {info['connections']} connections "
         f"({info['ipv4_connections']} IPv4, {info['ipv6_connections']} IPv6, "
         f"max {info['max_concurrent']} open at once), {info['bytes'] / 2**20:.1f} MiB, "
-        f"{info['duration_s']} s of traffic, generated in {info['generation_s']} s"
+        f"{info['duration_s']} s of traffic, {info['late_segments']} segments captured after "
+        f"their ACK, generated in {info['generation_s']} s"
     )
     return 0
 

@@ -7,11 +7,16 @@ Without --pcap, a capture is generated into /dev/shm with bench/gen_capture.py (
 1,600 connections, seed 1). Each tool runs --repeat times, interleaved, as a child process; the
 table gives the best wall time, and the peak RSS of the child (os.wait4's ru_maxrss). All outputs
 go to tmpfs (/dev/shm), so the ratio measures reassembly, not disks. See bench/README.md.
+
+Speed is nothing without the right bytes: the generator also writes its truth (what every
+connection really carried), and every stream the library reassembles is checked byte-exact
+against it ("1600/1600 streams byte-exact"); with --pcap, give the generator's --truth file.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -253,6 +258,40 @@ def _streamtap_version() -> str:
     return out.stdout.strip() if out.returncode == 0 else "not importable"
 
 
+# -- correctness -------------------------------------------------------------------------------
+def verify(pcap: str, truth_path: str) -> dict:
+    """Reassemble `pcap` with the library (in this process, untimed) and compare every stream
+    with the generator's truth: a connection is exact when it came out as one stream, client and
+    server as generated, both directions byte for byte."""
+    import streamtap
+
+    truth: dict[tuple, dict] = {}
+    with open(truth_path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            truth[(tuple(rec["client"]), tuple(rec["server"]))] = rec
+    got: dict[tuple, list] = {}
+    for st in streamtap.reassemble(pcap):
+        got.setdefault((st.client, st.server), []).append(st)
+    exact, wrong = 0, []
+    for key, rec in truth.items():
+        streams = got.pop(key, [])
+        if len(streams) != 1:
+            wrong.append(f"{key}: {len(streams)} streams")
+            continue
+        st = streams[0]
+        bad = [side for side, data in (("client", st.client_data), ("server", st.server_data))
+               if hashlib.sha256(data).hexdigest() != rec[f"{side}_sha256"]]
+        if bad:
+            wrong.append(f"{key}: {'/'.join(bad)} bytes differ "
+                         f"({len(st.client_data)}/{len(st.server_data)} vs "
+                         f"{rec['client_len']}/{rec['server_len']}, gaps {st.gaps[:3]})")
+        else:
+            exact += 1
+    wrong += [f"{key}: not in the truth ({len(v)} streams)" for key, v in got.items()]
+    return {"exact": exact, "connections": len(truth), "wrong": wrong}
+
+
 # -- main --------------------------------------------------------------------------------------
 def benchmark(pcap: str, packets: int | None, repeat: int, tools: list[str]) -> list[Result]:
     benches: dict[str, tuple[Callable[[str], Run], str, str]] = {
@@ -361,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     global TIMEOUT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pcap", help="capture to use (default: generate one into /dev/shm)")
+    ap.add_argument("--truth", metavar="FILE",
+                    help="with --pcap: the generator's --truth file, to check every stream")
     ap.add_argument("--repeat", type=int, default=3, help="runs per tool; the best counts (3)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--packets", type=int, default=150_000, help="generated capture: packets")
@@ -382,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tools: unknown tool {e}")
 
     generated = None
+    truth = args.truth
+    if truth and not args.pcap:
+        ap.error("--truth goes with --pcap (a generated capture brings its own)")
     if args.pcap:
         pcap = args.pcap
         capture = capture_figures(pcap)
@@ -392,20 +436,34 @@ def main(argv: list[str] | None = None) -> int:
         fd, pcap = tempfile.mkstemp(prefix="streamtap-bench-", suffix=".pcap", dir=TMPFS)
         os.close(fd)
         generated = pcap
+        truth = pcap[: -len(".pcap")] + ".truth.jsonl"
         print(f"generating {pcap} ...", file=sys.stderr)
-        capture = gen_capture.generate(pcap, args.packets, args.connections, args.seed)
+        capture = gen_capture.generate(pcap, args.packets, args.connections, args.seed, truth)
+    check = None
     try:
         machine = machine_figures()
         results = benchmark(pcap, capture.get("packets"), args.repeat, tools)
+        if truth:
+            check = verify(pcap, truth)
     finally:
         if generated and not args.keep:
             os.unlink(generated)
+            if truth:
+                os.unlink(truth)
     if args.json:
         doc = {"machine": machine, "capture": capture, "repeat": args.repeat,
-               "results": [asdict(r) for r in results]}
+               "results": [asdict(r) for r in results], "correctness": check}
         print(json.dumps(doc, indent=2))
     else:
         print(format_report(machine, capture, results, args.repeat))
+        if check is not None:
+            print(f"correctness: {check['exact']}/{check['connections']} streams byte-exact "
+                  "against the generator's truth")
+    if check is not None:
+        for line in check["wrong"][:20]:
+            print(f"  not exact: {line}", file=sys.stderr)
+        if check["exact"] != check["connections"] or check["wrong"]:
+            return 1
     return 0
 
 

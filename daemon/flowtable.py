@@ -103,6 +103,11 @@ def _ip(b: bytes) -> str:
     return socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
 
 
+ALWAYS_REPORTED = ("flows", "empty_dropped", "gaps", "memory_limit_hits", "depth_dropped_bytes",
+                   "ooo_limit_hits", "late_filled_segments", "late_filled_bytes",
+                   "late_dropped_bytes")
+
+
 class FlowTable:
     """One shard's connections. `packet()` per decoded TCP segment; completed streams are
     handed to `emit`."""
@@ -120,13 +125,15 @@ class FlowTable:
         self.flows: dict[tuple, Half] = {}
         self.nflows = 0
         self.mem = 0                 # bytes held in every buffer of this table (Zeek's total_size)
-        self.gap_bytes = 0
+        self.gap_bytes = 0           # missed bytes of emitted streams
         self.set_limits(lim)
         self.wheel: TimerWheel | None = None
         self.now = float("-inf")
         self._next_advance = float("-inf")
         self._due: list[Flow] = []   # flows whose timeout was already due when set
-        self.stats: Counter[str] = Counter()
+        # counters that are rare on purpose start at 0, so stats() and /metrics show them before
+        # the first event (a Counter key appears only once incremented)
+        self.stats: Counter[str] = Counter(dict.fromkeys(ALWAYS_REPORTED, 0))
         self.linktype = 1
 
     def set_limits(self, lim: Limits) -> None:
@@ -233,6 +240,14 @@ class FlowTable:
         if not h.seen & bit:
             h.seen |= bit
             h.flow.hist.append(ch if h.is_client else ch.lower())
+
+    def unletter(self, h: Half, ch: str) -> None:
+        """Take back a letter that no longer holds (a `G` whose gaps were all filled late); it
+        is recorded again, at its new place, if it happens again."""
+        bit = BIT[ch]
+        if h.seen & bit:
+            h.seen &= ~bit
+            h.flow.hist.remove(ch if h.is_client else ch.lower())
 
     def _data(self, h: Half, seq: int, payload: bytes, missing: int) -> None:
         if h.next < 0:
@@ -456,6 +471,9 @@ class FlowTable:
         gaps = [(pos, n, "client") for pos, n in ra.delivered_gaps(c)]
         gaps += [(pos, n, "server") for pos, n in ra.delivered_gaps(s)]
         self.stats["gaps"] += len(gaps)
+        # counted at emit, not when skipped: a hole may still be filled late until then, and a
+        # Prometheus counter must not go down
+        self.gap_bytes += sum(n for _, n, _ in gaps)
         stream = Stream(
             client=(_ip(c.ip), c.port),
             server=(_ip(s.ip), s.port),

@@ -107,6 +107,13 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "ooo_limit_hits": ("streamtap_tcp_ooo_limit_hits",
                        "Holes skipped because a direction held more than ooo_bytes out of "
                        "order.", ()),
+    "late_filled_segments": ("streamtap_tcp_late_filled_segments",
+                             "Segments whose bytes filled a skipped hole after the ACK that "
+                             "covers them (late fill, README \"Policies\").", ()),
+    "late_filled_bytes": ("streamtap_tcp_late_filled_bytes",
+                          "Bytes put into skipped holes by late segments.", ()),
+    "late_dropped_bytes": ("streamtap_tcp_late_dropped_bytes",
+                           "Late bytes refused by the reassembly depth (they stay a gap).", ()),
     "channel_dropped": ("streamtap_channel_dropped",
                         "Stream records dropped on a full worker-to-supervisor channel.", ()),
 }

@@ -7,7 +7,9 @@ include skipped gaps; positions in `buf` do not. `gaps` maps one to the other.
 
 The in-order append is inlined in `flowtable.FlowTable.packet` (hot path); this module holds the
 rare paths: out-of-order storage, retransmissions, overlaps, gaps and limits. Every gap goes
-through `skip_gap` (Zeek's one choke point) so the counters cannot drift apart.
+through `skip_gap` (Zeek's one choke point) so the counters cannot drift apart, and every late
+fill of a gap through `fill_gap`: a skipped hole stays fillable until the stream is emitted
+(DESIGN "Late fill"), so a gap is only what is still missing then.
 """
 
 from __future__ import annotations
@@ -55,25 +57,13 @@ class Half:
         self.retrans = 0        # bytes that repeated data already held
         self.overlaps = 0       # segments whose bytes conflicted with bytes already held
         self.depth_dropped = 0
-        self.late = 0           # bytes that arrived for a range already skipped as a gap
+        self.late = 0           # bytes that filled a range already skipped as a gap
 
 
 def rel_offset(h: Half, seq: int) -> int:
     """64-bit offset of a 32-bit seq, taking the nearer of the two wrap-around readings."""
     d = (seq - h.next) & MASK32
     return h.off + d if d < HALF32 else h.off - ((HALF32 << 1) - d)
-
-
-def buf_pos(h: Half, off: int) -> int:
-    """Position in `buf` of offset `off` (< h.off), or -1 if `off` lies inside a gap."""
-    skipped = 0
-    for g_off, g_len, _ in h.gaps:
-        if off < g_off:
-            break
-        if off < g_off + g_len:
-            return -1
-        skipped += g_len
-    return off - skipped
 
 
 def append(h: Half, data: bytes, table: Any) -> None:
@@ -107,7 +97,6 @@ def skip_gap(h: Half, length: int, table) -> None:
         h.gaps.append((h.off, length, pos))
     h.off += length
     h.next = (h.next + length) & MASK32
-    table.gap_bytes += length
     table.letter(h, "G")
 
 
@@ -125,33 +114,76 @@ def drain(h: Half, table) -> None:
             skip_gap(h, end + tail - h.off, table)
 
 
-def compare_delivered(h: Half, off: int, data: bytes, policy_last: bool) -> None:
-    """A segment (or its head) repeats bytes already delivered at offset `off` (< h.off).
+def _locate(h: Half, i: int) -> tuple[int, bool, int]:
+    """Where offset `i` (< h.off) lies: (index of the first gap ending after `i`, whether `i`
+    is inside that gap, position in `buf` of `i` or, inside a gap, of the gap)."""
+    base_off = base_pos = 0
+    for k, (g_off, g_len, g_pos) in enumerate(h.gaps):
+        if i < g_off:
+            return k, False, base_pos + (i - base_off)
+        if i < g_off + g_len:
+            return k, True, g_pos
+        base_off, base_pos = g_off + g_len, g_pos
+    return len(h.gaps), False, base_pos + (i - base_off)
 
-    Under `first` the held bytes stay; under `last` the new ones overwrite them. Either way a
-    difference is counted once as an overlap; bytes in a skipped gap are late and dropped.
+
+def fill_gap(h: Half, k: int, off: int, data: bytes, table) -> int:
+    """Late fill (DESIGN "Pinned details"): put `data`, which starts at offset `off` inside gap
+    `k`, in its place in `buf`; the gap shrinks or splits, and later gaps' buffer positions move
+    by what was inserted. The bytes count against the depth and the memory cap like any other;
+    what the depth limit refuses stays a gap and is counted. Returns the bytes filled."""
+    g_off, g_len, g_pos = h.gaps[k]
+    n = len(data)
+    if n > h.room:
+        # room == 0 also means buffer positions past the depth are no longer exact: fill nothing
+        over = n - h.room
+        h.depth_dropped += over
+        table.stats["late_dropped_bytes"] += over
+        n = h.room
+        data = data[:n]
+    if n <= 0:
+        return 0
+    h.buf[g_pos:g_pos] = data
+    h.room -= n
+    h.late += n
+    table.mem += n
+    rest = []
+    if off > g_off:
+        rest.append((g_off, off - g_off, g_pos))
+    if off + n < g_off + g_len:
+        rest.append((off + n, g_off + g_len - off - n, g_pos + n))
+    gaps = h.gaps
+    gaps[k:k + 1] = rest
+    for j in range(k + len(rest), len(gaps)):
+        j_off, j_len, j_pos = gaps[j]
+        gaps[j] = (j_off, j_len, j_pos + n)
+    if not gaps:
+        table.unletter(h, "G")   # `G` says what is missing at emit, and nothing is
+    return n
+
+
+def compare_delivered(h: Half, off: int, data: bytes, policy_last: bool, table) -> None:
+    """A segment (or its head) covers offsets already passed (`off` < h.off).
+
+    Where bytes were delivered, `first` keeps them and `last` overwrites them with the new ones;
+    either way a difference is counted once as an overlap, and the repeat as retransmitted.
+    Where the range was skipped as a gap, the bytes are late and fill it (`fill_gap`).
     """
     end = min(off + len(data), h.off)
-    h.retrans += end - off
     differs = False
+    filled = 0
     i = off
     while i < end:
-        p = buf_pos(h, i)
-        if p < 0:
-            # inside a gap: find its end and count what fell into it
-            for g_off, g_len, _ in h.gaps:
-                if g_off <= i < g_off + g_len:
-                    stop = min(end, g_off + g_len)
-                    h.late += stop - i
-                    i = stop
-                    break
+        k, inside, p = _locate(h, i)
+        if inside:
+            g_off, g_len, _ = h.gaps[k]
+            stop = min(end, g_off + g_len)
+            got = fill_gap(h, k, i, data[i - off:stop - off], table)
+            filled += got
+            i = stop
             continue
-        # run until the next gap (or `end`)
-        stop = end
-        for g_off, _g_len, _ in h.gaps:
-            if g_off > i:
-                stop = min(stop, g_off)
-                break
+        stop = min(end, h.gaps[k][0]) if k < len(h.gaps) else end
+        h.retrans += stop - i
         have = h.buf[p:p + (stop - i)]
         new = data[i - off:i - off + len(have)]
         if have != new:
@@ -161,6 +193,9 @@ def compare_delivered(h: Half, off: int, data: bytes, policy_last: bool) -> None
         i = stop
     if differs:
         h.overlaps += 1
+    if filled:
+        table.stats["late_filled_segments"] += 1
+        table.stats["late_filled_bytes"] += filled
 
 
 def store_ooo(h: Half, off: int, data: bytes, tail: int, policy_last: bool, table) -> None:
@@ -232,14 +267,14 @@ def segment(h: Half, seq: int, data: bytes, missing: int, policy_last: bool, tab
         # starts in what was delivered: compare (and maybe overwrite) that part, keep the rest
         if off + n <= h.off:
             if n:
-                compare_delivered(h, max(off, 0), data[max(0, -off):], policy_last)
+                compare_delivered(h, max(off, 0), data[max(0, -off):], policy_last, table)
             if missing and off + n + missing > h.off:
                 skip_gap(h, off + n + missing - h.off, table)
                 drain(h, table)
             return
         head = h.off - off
         if off >= 0:
-            compare_delivered(h, off, data[:head], policy_last)
+            compare_delivered(h, off, data[:head], policy_last, table)
         data = data[head:]
         off = h.off
         n = len(data)

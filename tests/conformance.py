@@ -29,7 +29,9 @@ CATEGORIES = {
                      "(tshark 4.0 keeps the later bytes)",
     "unacked-gap": "held data after a never-acknowledged hole is delivered at close "
                    "(tshark drops it)",
-    "late-gap-data": "data arriving for a range tshark already declared lost",
+    "late-fill": "data captured after the ACK that covers it fills its hole (DESIGN \"Late "
+                 "fill\"); tshark 4.0 has already declared the range lost and drops it, tcpflow "
+                 "keeps it",
     "split": "connection boundaries differ (idle/closing timeouts, port reuse, SYN heuristics)",
     "synack-isn": "a second SYN-ACK with another ISN does not restart the server's sequence "
                   "space (tshark re-bases on it and drops the server's data)",

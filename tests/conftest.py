@@ -44,3 +44,13 @@ def tcpflow() -> str:
     path = shutil.which("tcpflow")
     assert path is not None
     return path
+
+
+@pytest.fixture(scope="session")
+def oracle_tools() -> dict[str, str]:
+    """Paths of `tshark` and `tcpflow`, the corpus's two oracles, for tests that run them on a
+    capture they build (`require.need` when one is missing)."""
+    for name in ("tshark", "tcpflow"):
+        require.need(require.tool(name))
+    tools = {name: shutil.which(name) for name in ("tshark", "tcpflow")}
+    return {name: path for name, path in tools.items() if path is not None}

@@ -368,3 +368,30 @@ def test_reassembler_get_streams_matches_the_file_call(capture: Path, tmp_path: 
     assert r.get_streams() == streamtap.get_streams(capture)
     assert len(r.get_streams()) == 3
     assert quiet.get_streams() == {} and quiet.summary() == {}
+
+
+def late_segment_conv() -> Conversation:
+    """The client's second segment reaches the sensor after the server's ACK that covers it
+    (SPAN port, aggregating tap): the hole is skipped, then filled late."""
+    c = Conversation(t0=T0).handshake()
+    c.segment("client", 0, b"GET /late HTTP/1.1\r\n")
+    c.segment("client", 40, b"\r\n")
+    c.ack("server")                                   # acknowledges all 42 bytes
+    c.segment("client", 20, b"Host: example.com\r\n\r\n"[:20])
+    return c.send("server", b"HTTP/1.1 204 No Content\r\n\r\n").close()
+
+
+def test_late_segment_fills_its_hole_and_is_counted(tmp_path: Path):
+    p = tmp_path / "late.pcap"
+    write_pcap(p, late_segment_conv().packets)
+    r = streamtap.Reassembler()
+    for linktype, data, meta in streamtap.reader.read([str(p)]):
+        r.feed_batch(linktype, data, meta)
+    (s,) = r.flush()
+    assert s.client_data == b"GET /late HTTP/1.1\r\nHost: example.com\r\n\r\n"[:40] + b"\r\n"
+    assert s.gaps == [] and s.missed_bytes == 0 and "G" not in s.history
+    rec = s.record()
+    assert rec["tcp"]["gaps"] == [] and rec["tcp"]["missed_bytes"] == 0
+    stats = r.stats
+    assert stats["late_filled_segments"] == 1 and stats["late_filled_bytes"] == 20
+    assert stats["late_dropped_bytes"] == 0 and stats["missed_bytes"] == 0

@@ -343,3 +343,140 @@ def test_zero_linger_closes_at_the_next_advance() -> None:
     t.advance(a.ts + 0.001)
     assert [s.close_reason for s in t.done] == ["rst"] and t.nflows == 0
     assert t.done[0].client_data == b"bye"
+
+
+# -- late fill (DESIGN "Pinned details": a skipped hole stays fillable until emit) -------------
+
+LATE_ISNS = [*ISNS, 2**32 - 6]   # 2^32-6: the hole at offsets 4..8 straddles the wrap
+
+
+def client_half(c: Conn):
+    return c.t.flows[(C_IP, C_PORT, S_IP, S_PORT)]
+
+
+def skipped_hole(isn: int, policy: str = "first", **limits) -> Conn:
+    """aaaa, a 4-byte hole at 4..8 the server ACKs past, then cccc: the hole is skipped."""
+    c = Conn(isn, limits=Limits(overlap=policy, **limits)).handshake()
+    c.seg("c", 0, b"aaaa", ack_rel=0)
+    c.seg("c", 8, b"cccc", ack_rel=0)
+    c.seg("s", 0, flags="A", ack_rel=12)
+    assert client_half(c).gaps == [(4, 4, 4)]        # skipped, not waited on
+    return c
+
+
+@pytest.mark.parametrize("isn", LATE_ISNS)
+@pytest.mark.parametrize("policy", ["first", "last"])
+def test_segment_after_the_ack_that_covers_it_is_filled_in_place(isn: int, policy: str) -> None:
+    c = skipped_hole(isn, policy)
+    c.seg("c", 4, b"bbbb", ack_rel=0)                # the SPAN port delivered it after the ACK
+    c.seg("c", 12, b"dddd", ack_rel=0)
+    assert c.t.stats["late_filled_segments"] == 1 and c.t.stats["late_filled_bytes"] == 4
+    s = c.one()
+    assert s.client_data == b"aaaabbbbccccdddd"
+    assert s.gaps == [] and s.missed_bytes == 0
+    assert "G" not in s.history and "T" not in s.history
+    assert s.retransmitted_bytes == 0 and c.t.gap_bytes == 0
+
+
+@pytest.mark.parametrize("isn", LATE_ISNS)
+@pytest.mark.parametrize("rel,data,gaps,expect", [
+    (8, b"XXXX", [(4, 4, "client"), (8, 4, "client")], b"aaaaXXXXcccc"),     # middle: split
+    (4, b"XXXX", [(8, 8, "client")], b"aaaaXXXXcccc"),                       # head
+    (12, b"XXXX", [(4, 8, "client")], b"aaaaXXXXcccc"),                      # tail
+    (6, b"XXXXXXXX", [(4, 2, "client"), (12, 2, "client")], b"aaaaXXXXXXXXcccc"),
+])
+def test_partial_late_fill_shrinks_the_gap(isn: int, rel: int, data: bytes, gaps: list,
+                                           expect: bytes) -> None:
+    c = Conn(isn).handshake()
+    c.seg("c", 0, b"aaaa", ack_rel=0)
+    c.seg("c", 16, b"cccc", ack_rel=0)
+    c.seg("s", 0, flags="A", ack_rel=20)             # hole 4..16 skipped
+    c.seg("c", rel, data, ack_rel=0)
+    s = c.one()
+    assert s.client_data == expect and s.gaps == gaps
+    assert s.missed_bytes == 12 - len(data) and "G" in s.history
+
+
+@pytest.mark.parametrize("isn", LATE_ISNS)
+def test_filling_an_earlier_gap_moves_the_offsets_of_later_ones(isn: int) -> None:
+    c = Conn(isn).handshake()
+    c.seg("c", 0, b"aaaa", ack_rel=0)
+    c.seg("c", 8, b"bbbb", ack_rel=0)
+    c.seg("s", 0, flags="A", ack_rel=12)             # hole 4..8
+    c.seg("c", 16, b"cccc", ack_rel=0)
+    c.seg("s", 0, flags="A", ack_rel=20)             # hole 12..16
+    assert [g[2] for g in client_half(c).gaps] == [4, 8]
+    c.seg("c", 4, b"XXXX", ack_rel=0)
+    s = c.one()
+    assert s.client_data == b"aaaaXXXXbbbbcccc"
+    assert s.gaps == [(12, 4, "client")]             # was at 8 in the delivered bytes
+
+
+@pytest.mark.parametrize("isn", LATE_ISNS)
+@pytest.mark.parametrize("policy,expect,overlaps", [
+    ("first", b"aaaaXXXXcccc", 1), ("last", b"aaaaYYYYcccc", 1),
+])
+def test_overlap_policy_applies_to_late_bytes(isn: int, policy: str, expect: bytes,
+                                              overlaps: int) -> None:
+    c = skipped_hole(isn, policy)
+    c.seg("c", 4, b"XXXX", ack_rel=0)                # late: fills the hole
+    c.seg("c", 4, b"YYYY", ack_rel=0)                # a second, conflicting late copy
+    s = c.one()
+    assert s.client_data == expect and s.gaps == [] and s.overlaps == overlaps
+    assert c.t.stats["late_filled_segments"] == 1
+
+
+@pytest.mark.parametrize("isn", LATE_ISNS)
+@pytest.mark.parametrize("policy,expect", [
+    ("first", b"aaaabbbbcccc"), ("last", b"aaZZbbbbcccc"),
+])
+def test_late_segment_straddling_delivered_bytes_and_the_hole(isn: int, policy: str,
+                                                               expect: bytes) -> None:
+    c = skipped_hole(isn, policy)
+    c.seg("c", 2, b"ZZbbbb", ack_rel=0)              # 2..4 delivered (conflicts), 4..8 late
+    s = c.one()
+    assert s.client_data == expect and s.gaps == [] and s.overlaps == 1
+    assert s.retransmitted_bytes == 2
+
+
+def test_late_bytes_for_an_emitted_stream_change_nothing() -> None:
+    c = skipped_hole(5)
+    c.seg("c", 12, flags="FA", ack_rel=0).seg("s", 0, flags="FA", ack_rel=13)
+    c.seg("c", 13, flags="A", ack_rel=1)
+    c.seg("s", 1, flags="A", ack_rel=13, dt=6.0)     # past the FIN linger: the stream is emitted
+    assert len(c.t.done) == 1
+    first = c.t.done[0]
+    c.seg("c", 4, b"bbbb", ack_rel=0)                # far too late: a straggler of its own
+    out = c.streams()
+    assert out[0] is first and first.client_data == b"aaaacccc"
+    assert first.gaps == [(4, 4, "client")] and "G" in first.history
+    assert c.t.stats["late_filled_segments"] == 0
+    assert [s.client_data for s in out[1:]] == [b"bbbb"]
+
+
+def test_late_fill_counts_against_memory() -> None:
+    c = skipped_hole(5)
+    before = c.t.mem
+    c.seg("c", 4, b"bbbb", ack_rel=0)
+    assert c.t.mem == before + 4
+    c.one()
+    assert c.t.mem == 0
+
+
+def test_late_fill_past_the_memory_cap_evicts() -> None:
+    c = skipped_hole(5, memory=10)                   # 8 bytes held, cap 10
+    assert c.t.stats["evicted_memory"] == 0
+    c.seg("c", 4, b"bbbb", ack_rel=0)                # 12 > 10: over the cap
+    assert c.t.stats["evicted_memory"] == 1
+    assert [s.close_reason for s in c.t.done] == ["evicted"]
+    assert c.t.done[0].client_data == b"aaaabbbbcccc" and c.t.mem == 0
+
+
+def test_late_fill_respects_the_depth_and_counts_what_it_refuses() -> None:
+    c = skipped_hole(5, depth=10)                    # 8 bytes held, 2 of room
+    c.seg("c", 4, b"bbbb", ack_rel=0)
+    assert c.t.stats["late_filled_bytes"] == 2
+    assert c.t.stats["late_dropped_bytes"] == 2
+    s = c.one()
+    assert s.client_data == b"aaaabbcccc" and len(s.client_data) == 10
+    assert s.gaps == [(6, 2, "client")] and s.truncated
