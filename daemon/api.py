@@ -89,7 +89,11 @@ class Reassembler:
         if d is None:
             frag = self.config.reassembly.fragments
             d = self._decoders[linktype] = Decoder(
-                linktype, frag_max_pending=frag.max_pending, frag_timeout=frag.timeout
+                linktype,
+                frag_max_pending=frag.max_pending,
+                frag_timeout=frag.timeout,
+                # the pcap sink writes every frame of a stream, fragments included
+                frag_frames=self.table.frag_frames if self.limits.keep_packets else None,
             )
         return d
 

@@ -270,12 +270,24 @@ class Decoder:
     """
 
     def __init__(
-        self, linktype: int, *, frag_max_pending: int = 8192, frag_timeout: float = 30.0
+        self,
+        linktype: int,
+        *,
+        frag_max_pending: int = 8192,
+        frag_timeout: float = 30.0,
+        frag_frames: list[tuple[float, int, bytes]] | None = None,
     ) -> None:
         self.linktype = linktype
         self.malformed: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
         self.defrag = Defragmenter(frag_max_pending, frag_timeout, self.malformed, self.skipped)
+        # keep_packets (the pcap sink): when a frame completes a fragmented datagram, the frames
+        # of its other fragments, `(ts, wire_len, frame)` in capture order, are put in this
+        # list, which the caller drains into the stream's packets (it owns the list). A frame
+        # that completes nothing leaves it empty. None: fragment frames are not held at all.
+        self.frag_frames = frag_frames
+        self._fbuf = b""  # the frame being decoded is _fbuf[_foff:_fend] (kept frames only)
+        self._foff = self._fend = 0
         self._impacket: Any = None
         name = _FAST_LINKS.get(linktype)
         if name is None:
@@ -295,6 +307,10 @@ class Decoder:
             name = "_link_impacket"
         # Rebind per instance: callers pay no link-type dispatch per packet.
         self.decode = getattr(self, name)  # type: ignore[method-assign]
+        if frag_frames is not None:
+            # Only when frames are kept does a packet pay for remembering where its frame is.
+            self._entry = self.decode
+            self.decode = self._decode_keeping_frames  # type: ignore[method-assign]
 
     def decode(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
         """Decode the frame `buf[off:end]` captured at packet time `ts` (seconds).
@@ -304,6 +320,37 @@ class Decoder:
         (Replaced per instance by the link type's entry point; this body documents it.)
         """
         return getattr(self, _FAST_LINKS.get(self.linktype, "_link_impacket"))(buf, off, end, ts)
+
+    def _decode_keeping_frames(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+        self._fbuf = buf
+        self._foff = off
+        self._fend = end
+        if self.frag_frames:
+            self.frag_frames.clear()  # left by a datagram that completed without a TCP segment
+        return self._entry(buf, off, end, ts)
+
+    def _fragment_frames(self, ts: float) -> list[tuple[float, int, bytes]] | None:
+        """The frames a fragment being added contributes: the frame being decoded, after the
+        frames of any outer datagram this frame completed (a fragment inside a reassembled
+        tunnel packet came in all of them). None when frames are not kept."""
+        held = self.frag_frames
+        if held is None:
+            return None
+        off = self._foff
+        end = self._fend
+        frames = held[:]
+        held.clear()
+        # A fragment is never cut by the snaplen (see `_frag4`), so the wire length is the
+        # captured length.
+        frames.append((ts, end - off, self._fbuf[off:end]))
+        return frames
+
+    def _fragment_done(self, frames: list[tuple[float, int, bytes]]) -> None:
+        """A datagram completed: hand the frames of its earlier fragments to the caller; the
+        last frame is the one being decoded, which the caller keeps itself."""
+        held = self.frag_frames
+        if held is not None:
+            held[:] = frames[:-1]
 
     # ------------------------------------------------------------------ fast path: Ethernet/IPv4
     def _link_ether(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
@@ -482,11 +529,14 @@ class Decoder:
             self.defrag.discard(key, ts, "fragment_truncated")
             return None
         got = self.defrag.add(
-            key, ts, (frag & IP_OFFMASK) << 3, bool(frag & IP_MF), buf[off:ip_end], None
-        )
+            key, ts, (frag & IP_OFFMASK) << 3, bool(frag & IP_MF), buf[off:ip_end], None,
+            self._fragment_frames(ts),
+        )  # fmt: skip
         if got is None:
             return None
         data = got[0]
+        if got[2]:
+            self._fragment_done(got[2])
         return self._ip_proto(4, src, dst, proto, data, 0, len(data), 0, ts, depth)
 
     # ------------------------------------------------------------------ IPv6
@@ -568,11 +618,13 @@ class Decoder:
                     return None
                 got = self.defrag.add(
                     key, ts, offlg & IP6_FRAG_OFFMASK, bool(offlg & IP6_FRAG_MF),
-                    buf[off:ip_end], fnh,
+                    buf[off:ip_end], fnh, self._fragment_frames(ts),
                 )  # fmt: skip
                 if got is None:
                     return None
-                buf, nh = got  # type: ignore[assignment]
+                buf, nh, frames = got  # type: ignore[assignment]
+                if frames:
+                    self._fragment_done(frames)
                 off = 0
                 ip_end = len(buf)
                 reassembled = True

@@ -20,6 +20,12 @@ Bounded on every axis, because fragments are a classic way to make a sniffer hol
 A dropped datagram leaves a tombstone under its key until it expires, so its remaining fragments
 are discarded quietly (``fragment_discarded`` in `skipped`) instead of starting a new datagram that
 could only time out.
+
+Frames (``reassembly.keep_packets``, for the pcap sink): `add` may be given the captured frames a
+fragment came in; the datagram holds them beside its pieces and hands them back, in capture order,
+when it completes, so every frame of a fragmented segment can be written out. Frames of duplicates
+are not held (they add nothing, and a flood of copies must not grow memory), and a dropped
+datagram's frames go with it: fragments of a datagram that never completes are in no stream.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ MAX_DATAGRAM = 65535
 class _Datagram:
     """One datagram being reassembled: its fragments as (start, end, bytes), no overlaps."""
 
-    __slots__ = ("first_ts", "pieces", "size", "total", "max_end", "meta", "dead")
+    __slots__ = ("first_ts", "pieces", "size", "total", "max_end", "meta", "dead", "frames")
 
     def __init__(self, first_ts: float) -> None:
         self.first_ts = first_ts
@@ -45,14 +51,16 @@ class _Datagram:
         self.max_end = 0
         self.meta: object = None  # from the offset-0 fragment (IPv6: its next header)
         self.dead = False  # tombstone: dropped, swallow the rest of its fragments
+        self.frames: list[tuple[float, int, bytes]] = []  # captured frames, when asked to keep them
 
 
 class Defragmenter:
     """Reassembles fragmented IP payloads keyed by (src, dst, id, proto).
 
-    `add` returns ``(payload, meta)`` when the fragment completes its datagram, else None (the
-    fragment is held, or dropped and counted). Drops go to `malformed`, holds to `skipped`: the
-    decoder's own counters, passed in.
+    `add` returns ``(payload, meta, frames)`` when the fragment completes its datagram, else
+    None (the fragment is held, or dropped and counted); `frames` are the frames given to `add`
+    for its fragments, in the order they were added (empty when none were given). Drops go to
+    `malformed`, holds to `skipped`: the decoder's own counters, passed in.
     """
 
     __slots__ = ("max_pending", "timeout", "malformed", "skipped", "_pending")
@@ -108,6 +116,7 @@ class Defragmenter:
     def _kill(self, dg: _Datagram, reason: str) -> None:
         dg.dead = True
         dg.pieces = []  # free the bytes now; the tombstone stays until it expires
+        dg.frames = []
         self.malformed[reason] += 1
 
     def discard(self, key: Hashable, ts: float, reason: str) -> None:
@@ -121,9 +130,17 @@ class Defragmenter:
             self._kill(dg, reason)
 
     def add(
-        self, key: Hashable, ts: float, offset: int, more: bool, data: bytes, meta: object
-    ) -> tuple[bytes, object] | None:
-        """Add one fragment: payload bytes `data` at byte `offset`; `more` = MF flag set."""
+        self,
+        key: Hashable,
+        ts: float,
+        offset: int,
+        more: bool,
+        data: bytes,
+        meta: object,
+        frames: list[tuple[float, int, bytes]] | None = None,
+    ) -> tuple[bytes, object, list[tuple[float, int, bytes]]] | None:
+        """Add one fragment: payload bytes `data` at byte `offset`; `more` = MF flag set;
+        `frames`: the `(ts, wire_len, frame)` records it was captured in, held with it."""
         if self._pending:
             self.expire(ts)
         dg = self._get(key, ts)
@@ -149,6 +166,8 @@ class Defragmenter:
                 self._kill(dg, "fragment_overlap")
                 return None
         dg.pieces.append((offset, end, data))
+        if frames:
+            dg.frames += frames
         dg.size += n
         if end > dg.max_end:
             dg.max_end = end
@@ -161,6 +180,6 @@ class Defragmenter:
             del self._pending[key]
             pieces = dg.pieces
             pieces.sort()
-            return b"".join([p[2] for p in pieces]), dg.meta
+            return b"".join([p[2] for p in pieces]), dg.meta, dg.frames
         self.skipped["fragment_pending"] += 1
         return None

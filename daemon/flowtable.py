@@ -135,6 +135,9 @@ class FlowTable:
         # the first event (a Counter key appears only once incremented)
         self.stats: Counter[str] = Counter(dict.fromkeys(ALWAYS_REPORTED, 0))
         self.linktype = 1
+        # keep_packets: the decoders put here the frames of a reassembled IP datagram's earlier
+        # fragments (see `Decoder.frag_frames`); the segment's flow takes them with its frame.
+        self.frag_frames: list[tuple[float, int, bytes]] = []
 
     def set_limits(self, lim: Limits) -> None:
         """Derive the values the hot path reads (0 = unlimited) from `lim`. Called again on a
@@ -167,6 +170,7 @@ class FlowTable:
         flows_get = self.flows.get
         slow = self._slow
         keep = self.limits.keep_packets
+        held = self.frag_frames
         mem_cap = self.mem_cap
         next_adv = self._next_advance
         bit_a, bit_d, mask = BIT_A, BIT_D, MASK32
@@ -193,6 +197,8 @@ class FlowTable:
             f.last = ts
             h.packets += 1
             if keep:
+                if held:
+                    _insert_frames(f.pkts, held)
                 f.pkts.append((ts, caplen, data[off:end]))
             if flags & 0x10:  # ACK
                 if h.peer.ooo:
@@ -294,6 +300,8 @@ class FlowTable:
             f.last = ts
         h.packets += 1
         if f.pkts is not None and frame is not None:
+            if self.frag_frames:
+                _insert_frames(f.pkts, self.frag_frames)
             f.pkts.append((ts, len(frame) + missing, frame))
         peer = h.peer
         if syn:
@@ -498,6 +506,19 @@ class FlowTable:
         )
         _release(f)
         self.emit(stream)
+
+
+def _insert_frames(pkts: list, frames: list[tuple[float, int, bytes]]) -> None:
+    """Move `frames` (a reassembled datagram's earlier fragments, in capture order) into the
+    flow's packet list where their timestamps put them: the stream's other packets may have
+    come between its fragments."""
+    for p in frames:
+        ts = p[0]
+        i = len(pkts)
+        while i and pkts[i - 1][0] > ts:
+            i -= 1
+        pkts.insert(i, p)
+    frames.clear()
 
 
 def _release(f: Flow) -> None:

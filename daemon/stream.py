@@ -38,7 +38,8 @@ class Stream:
     truncated: bool = False
     interface: str | None = None
     # Raw packets as captured, only when a consumer (the pcap sink) asked for them:
-    # [(ts, wire_len, frame_bytes)], linktype in `linktype`.
+    # [(ts, wire_len, frame_bytes)], linktype in `linktype`; every frame, each fragment of a
+    # fragmented IP datagram included, in capture order.
     packets: list[tuple[float, int, bytes]] | None = None
     linktype: int = 1
     extra: dict[str, Any] = field(default_factory=dict)

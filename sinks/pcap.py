@@ -36,7 +36,10 @@ Format: classic pcap, little-endian, version 2.4; each record has the true wire 
 (``orig_len``) of the packet and ``incl_len`` = the bytes captured, so snaplen-cut packets
 stay recognisable as such. The link type is the capture's: pcapy reports DLTs, which are mapped
 back to LINKTYPE values the way libpcap's ``dlt_to_linktype`` does (raw IP: DLT 12 or 14 ->
-LINKTYPE_RAW 101). Packets are in capture order within a stream; in ``rotating`` mode streams
+LINKTYPE_RAW 101). A stream's packets are every frame that carried one of its segments, each
+fragment of a fragmented IP datagram included (never a rebuilt datagram), so reading the files
+back gives the same streams; fragments of a datagram that never completed are in no stream.
+Packets are in capture order within a stream; in ``rotating`` mode streams
 follow each other in completion order (so the file is not globally sorted by time: use
 ``reordercap`` if a tool needs that).
 

@@ -18,6 +18,7 @@ exact nanoseconds (a float near 1.7e9 only carries ~0.2 µs).
 from __future__ import annotations
 
 import ipaddress
+import random
 import struct
 from collections.abc import Iterable, Sequence
 from decimal import ROUND_FLOOR, Decimal
@@ -29,6 +30,7 @@ LINKTYPE_NULL = 0
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101
 LINKTYPE_LINUX_SLL = 113
+LINKTYPE_LINUX_SLL2 = 276
 
 ETHERTYPE_IPV4 = 0x0800
 ETHERTYPE_IPV6 = 0x86DD
@@ -92,6 +94,14 @@ def sll(protocol: int = ETHERTYPE_IPV4, pkttype: int = 0, src_mac: str | bytes =
     return struct.pack("!HHH8sH", pkttype, arphrd, len(addr), addr.ljust(8, b"\0"), protocol)
 
 
+def sll2(protocol: int = ETHERTYPE_IPV4, pkttype: int = 0, src_mac: str | bytes = DEFAULT_SRC_MAC,
+         arphrd: int = 1, ifindex: int = 1) -> bytes:
+    """Linux cooked capture v2 (SLL2, linktype 276, the `any` device) header, 20 bytes."""
+    addr = _mac(src_mac)
+    return struct.pack("!HHIHBB8s", protocol, 0, ifindex, arphrd, pkttype, len(addr),
+                       addr.ljust(8, b"\0"))
+
+
 def null_header(v6: bool = False) -> bytes:
     """BSD loopback (linktype 0) header: address family, 4 bytes, little-endian (the byte order
     of the pcap files written here)."""
@@ -139,6 +149,18 @@ def ipv4_fragments(src: str, dst: str, payload: bytes, fragment_size: int,
         out.append(ipv4(src, dst, chunk, proto=proto, ttl=ttl, ident=ident, flags_df=False,
                         frag_offset=off, more_fragments=off + step < len(payload)))
     return out
+
+
+def ipv6_fragments(src: str, dst: str, payload: bytes, fragment_size: int,
+                   next_header: int = IPPROTO_TCP, ident: int = 1,
+                   hop_limit: int = 64) -> list[bytes]:
+    """Split an IPv6 payload (e.g. a whole `tcp(...)` segment) into IPv6 packets with a fragment
+    header, at most `fragment_size` payload bytes each (rounded down to a multiple of 8), in
+    order."""
+    step = max(8, fragment_size - fragment_size % 8)
+    return [ipv6(src, dst, payload[off:off + step], IPPROTO_FRAGMENT,
+                 ipv6_frag(next_header, off, off + step < len(payload), ident), hop_limit)
+            for off in range(0, len(payload), step)]
 
 
 def ipv6(src: str, dst: str, payload: bytes, next_header: int = IPPROTO_TCP,
@@ -214,6 +236,8 @@ def link_header(linktype: int, v6: bool, vlans: Iterable[int | tuple[int, int]] 
         return b""
     if linktype == LINKTYPE_LINUX_SLL:
         return sll(ethertype, src_mac=src_mac)
+    if linktype == LINKTYPE_LINUX_SLL2:
+        return sll2(ethertype, src_mac=src_mac)
     if linktype == LINKTYPE_NULL:
         return null_header(v6)
     raise ValueError(f"unsupported linktype {linktype}")
@@ -225,12 +249,33 @@ def frame(src: str, dst: str, sport: int, dport: int, seq: int, ack: int = 0,
           win: int = 65535, options: bytes = b"", ttl: int = 64, ident: int = 0,
           src_mac: str | bytes = DEFAULT_SRC_MAC, dst_mac: str | bytes = DEFAULT_DST_MAC) -> bytes:
     """A whole frame: link header + IPv4/IPv6 (by address family unless `v6` says) + TCP with
-    correct checksums. linktype 1 (Ethernet), 101 (raw IP), 113 (SLL), 0 (null/loopback)."""
+    correct checksums. linktype 1 (Ethernet), 101 (raw IP), 113 (SLL), 276 (SLL2), 0 (null)."""
+    return fragmented_frames(src, dst, sport, dport, seq, ack, flags, payload, v6=v6,
+                             vlans=vlans, linktype=linktype, win=win, options=options, ttl=ttl,
+                             ident=ident, src_mac=src_mac, dst_mac=dst_mac)[0]
+
+
+def fragmented_frames(src: str, dst: str, sport: int, dport: int, seq: int, ack: int = 0,
+                      flags: str | int = "A", payload: bytes = b"", *, fragment_size: int = 0,
+                      v6: bool | None = None, vlans: Iterable[int | tuple[int, int]] = (),
+                      linktype: int = LINKTYPE_ETHERNET, win: int = 65535,
+                      options: bytes = b"", ttl: int = 64, ident: int = 0,
+                      src_mac: str | bytes = DEFAULT_SRC_MAC,
+                      dst_mac: str | bytes = DEFAULT_DST_MAC) -> list[bytes]:
+    """Like `frame`, but with `fragment_size` > 0 the TCP segment is cut into IP fragments of at
+    most that many payload bytes (IPv4, or IPv6 fragment headers), one frame each, in order."""
     if v6 is None:
         v6 = _is_v6(src)
     seg = tcp(sport, dport, seq, ack, flags, payload, win, options, src=src, dst=dst)
+    head = link_header(linktype, v6, vlans, src_mac, dst_mac)
+    if fragment_size:
+        if v6:
+            ips = ipv6_fragments(src, dst, seg, fragment_size, ident=ident, hop_limit=ttl)
+        else:
+            ips = ipv4_fragments(src, dst, seg, fragment_size, ident=ident, ttl=ttl)
+        return [head + ip for ip in ips]
     ip = ipv6(src, dst, seg, hop_limit=ttl) if v6 else ipv4(src, dst, seg, ttl=ttl, ident=ident)
-    return link_header(linktype, v6, vlans, src_mac, dst_mac) + ip
+    return [head + ip]
 
 
 # --------------------------------------------------------------------------- files
@@ -403,6 +448,10 @@ class Conversation:
         self.dt = dt
         self._t_ns = _ts_units(t0, NS)  # integer clock: no float drift over many steps
         self.packets: list[tuple[float, bytes]] = []
+        # set these to fragment the packets added next (see `packet`)
+        self.fragment_size = 0
+        self.fragment_order = "forward"
+        self._ident = 0
 
     # -- helpers
     @staticmethod
@@ -432,16 +481,29 @@ class Conversation:
 
     def packet(self, side: Side, seq: int, ack: int, flags: str | int, payload: bytes = b"",
                *, dt: float | None = None, options: bytes = b"") -> Conversation:
-        """Append one raw packet from `side` with absolute seq/ack; no bookkeeping."""
+        """Append one raw packet from `side` with absolute seq/ack; no bookkeeping. While
+        `fragment_size` is set, the packet is cut into IP fragments, one packet each, `dt`
+        apart, in the order `fragment_order` says ("forward", "reverse", or "shuffle": seeded by
+        the IP id, so the same every run); each fragmented packet gets the next IP id."""
         src, dst = (self.client, self.server) if side == "client" else (self.server, self.client)
-        if self.packets:
-            self._t_ns += _ts_units(self.dt if dt is None else dt, NS)
         mac_c, mac_s = DEFAULT_SRC_MAC, DEFAULT_DST_MAC
         macs = (mac_c, mac_s) if side == "client" else (mac_s, mac_c)
-        f = frame(src[0], dst[0], src[1], dst[1], seq, ack, flags, payload, vlans=self.vlans,
-                  linktype=self.linktype, win=self.win, options=options, src_mac=macs[0],
-                  dst_mac=macs[1])
-        self.packets.append((self.t, f))
+        if self.fragment_size:
+            self._ident += 1
+        frames = fragmented_frames(
+            src[0], dst[0], src[1], dst[1], seq, ack, flags, payload,
+            fragment_size=self.fragment_size, vlans=self.vlans, linktype=self.linktype,
+            win=self.win, options=options, ident=self._ident, src_mac=macs[0],
+            dst_mac=macs[1])
+        order = list(range(len(frames)))
+        if self.fragment_order == "reverse":
+            order.reverse()
+        elif self.fragment_order == "shuffle":
+            random.Random(self._ident).shuffle(order)
+        for i in order:
+            if self.packets:
+                self._t_ns += _ts_units(self.dt if dt is None else dt, NS)
+            self.packets.append((self.t, frames[i]))
         return self
 
     def _flags(self, flags: str | int, ack: bool) -> tuple[str | int, bool]:

@@ -420,6 +420,74 @@ def test_duplicate_fragment_ignored():
     assert d.skipped["fragment_duplicate"] == 1 and not d.malformed
 
 
+# --------------------------------------------------------------------------- fragment frames
+def _keeping(linktype: int = 1) -> tuple[Decoder, list]:
+    held: list = []
+    return Decoder(linktype, frag_frames=held), held
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_completed_datagram_hands_back_its_other_fragment_frames(version):
+    frags = _v4_frags(SEG, 256) if version == 4 else _v6_frags(SEG, 256)
+    order = [2, 0, 3, 1, 4][: len(frags)]
+    d, held = _keeping()
+    d.decode(frags[0], 0, len(frags[0]), 0.5)  # a duplicate first: its frame is not held twice
+    ts = {i: 1.0 + n for n, i in enumerate(order)}
+    out = []
+    for i in order:
+        out.append(d.decode(frags[i], 0, len(frags[i]), ts[i]))
+        if out[-1] is None:
+            assert held == []  # nothing completed yet
+    check(out[-1], version, payload=bytes(range(256)) * 4)
+    # capture order, original timestamps and wire lengths; the completing frame is the caller's
+    first = [(0.5, len(frags[0]), frags[0])]
+    rest = [(ts[i], len(frags[i]), frags[i]) for i in order[:-1] if i != 0]
+    assert held == sorted(first + rest)
+    # the next frame, whatever it is, starts with an empty list
+    d.decode(frags[1], 0, len(frags[1]), 9.0)
+    assert held == []
+
+
+def test_batch_frames_are_sliced_from_the_batch():
+    """In a capture batch a frame is buf[off:end] of the whole batch's bytes."""
+    frags = _v4_frags(SEG, 528)
+    assert len(frags) == 2
+    batch = b"junk" + frags[0] + frags[1]
+    d, held = _keeping()
+    assert d.decode(batch, 4, 4 + len(frags[0]), 1.0) is None
+    res = d.decode(batch, 4 + len(frags[0]), len(batch), 2.0)
+    check(res, payload=bytes(range(256)) * 4)
+    assert held == [(1.0, len(frags[0]), frags[0])]
+
+
+def test_fragments_inside_a_fragmented_tunnel_packet_keep_every_outer_frame():
+    """IPv6 fragments carried in IPv4 (proto 41) whose first packet is itself fragmented: the
+    inner datagram came in all three frames."""
+    inner = ip6(frag6(6, 0, True, 7) + SEG[:512], nh=44)
+    last = ip6(frag6(6, 512, False, 7) + SEG[512:], nh=44)
+    o1 = eth(ip4(inner[:256], proto=41, ident=3, frag=0x2000))
+    o2 = eth(ip4(inner[256:], proto=41, ident=3, frag=256 // 8))
+    o3 = eth(ip4(last, proto=41, ident=4))
+    d, held = _keeping()
+    assert d.decode(o1, 0, len(o1), 1.0) is None
+    assert d.decode(o2, 0, len(o2), 2.0) is None  # outer complete, inner still pending
+    res = d.decode(o3, 0, len(o3), 3.0)
+    check(res, 6, payload=bytes(range(256)) * 4)
+    assert held == [(1.0, len(o1), o1), (2.0, len(o2), o2)]
+
+
+def test_dropped_datagram_frames_are_freed():
+    frags = _v4_frags(SEG, 256)
+    overlap = eth(ip4(SEG[8:264], ident=42, frag=1 | 0x2000))
+    d, held = _keeping()
+    d.decode(frags[0], 0, len(frags[0]), 1.0)
+    d.decode(overlap, 0, len(overlap), 1.0)
+    for f in frags[1:]:
+        assert d.decode(f, 0, len(f), 1.0) is None
+    (dg,) = d.defrag._pending.values()
+    assert dg.dead and dg.frames == [] and held == []
+
+
 def test_fragment_timeout():
     frags = _v4_frags(SEG, 256)
     d = Decoder(1, frag_timeout=5.0)
@@ -622,6 +690,17 @@ def test_fuzz_never_raises(linktype):
     total = sum(d.malformed.values()) + sum(d.skipped.values())
     # every None is counted once (fragment bookkeeping may add extra counts)
     assert got + total >= n
+
+
+def test_fuzz_never_raises_keeping_fragment_frames():
+    rng = random.Random(7)
+    held: list = []
+    d = Decoder(1, frag_max_pending=64, frag_frames=held)
+    seen = set()
+    for i, frame in enumerate(_fuzz_frames(1, 20_000, rng)):
+        seen.add(frame)
+        d.decode(frame, 0, len(frame), float(i))
+        assert all(f in seen and w == len(f) for _t, w, f in held)
 
 
 def test_pppoe_wrong_length_field_trusts_ip_length():
