@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import heapq
 import socket
-import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import reassembly as ra
+from .decode import TH_ACK, TH_FIN, TH_RST, TH_SYN
+from .pcapfmt import META
 from .reassembly import MASK32, UNLIMITED, Half
 from .stream import Stream
 from .wheel import TimerEntry, TimerWheel
-
-# pcapy next_batch() meta records: (sec, usec, offset, caplen), native order (DESIGN "Capture")
-META = struct.Struct("=IIII")
-
-# TCP flags (RFC 9293 section 3.1)
-TH_FIN = 0x01
-TH_SYN = 0x02
-TH_RST = 0x04
-TH_PSH = 0x08
-TH_ACK = 0x10
 
 # flow states; each has its own idle timeout
 HANDSHAKE = 0

@@ -39,10 +39,11 @@ from typing import Any
 
 import pcapy
 
-from .reader import (
+from .pcapfmt import (
     MAX_SNAPLEN,
     META,
     PCAPNG_BYTE_ORDER_MAGIC,
+    PCAPNG_BYTE_ORDER_SWAPPED,
     PCAPNG_EPB,
     PCAPNG_IDB,
     PCAPNG_MIN_BLOCK,
@@ -51,31 +52,16 @@ from .reader import (
     PCAPNG_SPB,
     CaptureError,
     FilterError,
+    linktype_to_dlt,
 )
 
-__all__ = ["PcapngReader", "linktype_to_dlt"]
+__all__ = ["PcapngReader"]
 
 OPT_ENDOFOPT = 0
 OPT_IF_TSRESOL = 9
 OPT_IF_TSOFFSET = 14
 USEC = 1_000_000
-BOM_SWAPPED = struct.unpack(">I", struct.pack("<I", PCAPNG_BYTE_ORDER_MAGIC))[0]
 BPF_NETMASK = 0xFFFFFFFF  # PCAP_NETMASK_UNKNOWN
-
-# LINKTYPE values (file) whose DLT value (libpcap's API) differs, as libpcap's linktype_to_dlt
-# maps them on Linux. Everything else is the same number.
-_LINKTYPE_DLT = {
-    100: pcapy.DLT_ATM_RFC1483,  # LINKTYPE_ATM_RFC1483
-    101: pcapy.DLT_RAW,  # LINKTYPE_RAW
-    102: 15,  # LINKTYPE_SLIP_BSDOS -> DLT_SLIP_BSDOS
-    103: 16,  # LINKTYPE_PPP_BSDOS -> DLT_PPP_BSDOS
-    106: 19,  # LINKTYPE_ATM_CLIP -> DLT_ATM_CLIP (Linux)
-}
-
-
-def linktype_to_dlt(linktype: int) -> int:
-    """The DLT value libpcap reports for a file's LINKTYPE value."""
-    return _LINKTYPE_DLT.get(linktype, linktype)
 
 
 class _Interface:
@@ -189,7 +175,7 @@ class PcapngReader:
                     bom = unpack_from("<I", mm, pos + 8)[0]
                     if bom == PCAPNG_BYTE_ORDER_MAGIC:
                         order = "<"
-                    elif bom == BOM_SWAPPED:
+                    elif bom == PCAPNG_BYTE_ORDER_SWAPPED:
                         order = ">"
                     else:
                         raise _Stop(f"bad byte-order magic 0x{bom:08x}", pos, number + 1)

@@ -28,45 +28,31 @@ from typing import Any, BinaryIO
 
 import pcapy
 
+from .pcapfmt import (
+    MAX_SNAPLEN,
+    META,
+    META_LEN,
+    PCAP_FILE_HEADER_LEN,
+    PCAP_MAGICS,
+    PCAP_RECORD_HEADER_LEN,
+    PCAPNG_BYTE_ORDER_MAGIC,
+    PCAPNG_BYTE_ORDER_SWAPPED,
+    PCAPNG_EPB,
+    PCAPNG_IDB,
+    PCAPNG_MIN_BLOCK,
+    PCAPNG_PACKET_BLOCKS,
+    PCAPNG_SHB,
+    CaptureError,
+    FilterError,
+)
+from .pcapng import PcapngReader
+
 __all__ = ["CaptureError", "FilterError", "Source", "open_source", "read"]
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
-
-# File magics (https://www.tcpdump.org/manpages/pcap-savefile.5.html, draft-ietf-opsawg-pcapng)
-PCAP_MAGIC_US = 0xA1B2C3D4
-PCAP_MAGIC_NS = 0xA1B23C4D
-PCAP_MAGICS = {PCAP_MAGIC_US, PCAP_MAGIC_NS}
-PCAP_FILE_HEADER_LEN = 24
-PCAP_RECORD_HEADER_LEN = 16
-PCAPNG_SHB = 0x0A0D0D0A  # same in both byte orders
-PCAPNG_IDB = 0x00000001
-PCAPNG_PB = 0x00000002  # obsolete Packet Block
-PCAPNG_SPB = 0x00000003
-PCAPNG_EPB = 0x00000006
-PCAPNG_PACKET_BLOCKS = {PCAPNG_PB, PCAPNG_SPB, PCAPNG_EPB}
-PCAPNG_BYTE_ORDER_MAGIC = 0x1A2B3C4D
-PCAPNG_MIN_BLOCK = 12
-MAX_SNAPLEN = 262144  # libpcap's MAXIMUM_SNAPLEN: bigger caplens are rejected
-
-META = struct.Struct("=IIII")  # pcapy next_batch meta record: sec, usec, offset, caplen
-META_LEN = META.size
 WALK_CHUNK = 1 << 20
 MIXED_LINKTYPES = "differs from the first"  # _walk_pcapng's problem: see Source._fallback
-
-
-class CaptureError(Exception):
-    """A capture cannot be opened or is damaged. One-line message naming the file and, when
-    known, the byte offset of the damage (`offset`, else None)."""
-
-    def __init__(self, message: str, path: str, offset: int | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-        self.offset = offset
-
-
-class FilterError(ValueError):
-    """A BPF expression libpcap refuses; the message is libpcap's."""
 
 
 def _display(path: str) -> str:
@@ -132,7 +118,7 @@ def _walk_pcapng(fh: BinaryIO, size: int) -> tuple[int, int, str] | None:
             bom = struct.unpack_from("<I", head, 8)[0]
             if bom == PCAPNG_BYTE_ORDER_MAGIC:
                 order = "<"
-            elif bom == struct.unpack(">I", struct.pack("<I", PCAPNG_BYTE_ORDER_MAGIC))[0]:
+            elif bom == PCAPNG_BYTE_ORDER_SWAPPED:
                 order = ">"
             else:
                 return pos, n + 1, f"bad byte-order magic 0x{bom:08x}"
@@ -321,8 +307,6 @@ class Source:
                            self.path, offset)
 
     def _fallback(self, n: int) -> Iterator[tuple[int, bytes, bytes]]:
-        from .pcapng import PcapngReader  # imports this module
-
         rest = PcapngReader(self.path, self._bpf, self.name)
         for linktype, data, meta in rest.batches(n, skip=self.packets_read):
             self.packets_read += len(meta) // META_LEN

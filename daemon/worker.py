@@ -37,16 +37,15 @@ from __future__ import annotations
 import os
 import queue as queue_mod
 import signal
-import struct
 import sys
 import time
 from typing import Any
 
 from .api import Reassembler
 from .capture import CaptureLost, CaptureOpenError, LiveHandle, fanout_group_id
+from .pcapfmt import META
 from .stream import Stream
 
-META = struct.Struct("=IIII")  # next_batch meta record (sec, usec, offset, caplen)
 BATCH = 4096  # packets per next_batch call
 PENDING_MAX = 1000  # completed streams held while the queue is full; beyond: oldest dropped
 STATS_EVERY = 1.0  # seconds between ("stats", ...) heartbeats

@@ -67,28 +67,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from streamtap.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
 from streamtap.sinks.base import Result, Sink
 from streamtap.stream import Stream
 
 # pcap file format (https://www.tcpdump.org/manpages/pcap-savefile.5.html)
-PCAP_MAGIC_US = 0xA1B2C3D4
-PCAP_MAGIC_NS = 0xA1B23C4D
 PCAP_VERSION_MAJOR = 2
 PCAP_VERSION_MINOR = 4
 PCAP_FILE_HEADER = struct.Struct("<IHHiIII")  # magic, major, minor, thiszone, sigfigs, snaplen, lt
 PCAP_RECORD_HEADER = struct.Struct("<IIII")  # ts_sec, ts_frac, incl_len, orig_len
-MAX_SNAPLEN = 262144  # libpcap's MAXIMUM_SNAPLEN
-
-# DLT values (what pcapy reports) that differ from their LINKTYPE (what a file header holds):
-# libpcap pcap-common.c dlt_to_linktype / linktypes.html.
-DLT_TO_LINKTYPE = {
-    11: 100,  # DLT_ATM_RFC1483 -> LINKTYPE_ATM_RFC1483
-    12: 101,  # DLT_RAW (Linux, most BSDs) -> LINKTYPE_RAW
-    14: 101,  # DLT_RAW (OpenBSD) -> LINKTYPE_RAW
-    15: 102,  # DLT_SLIP_BSDOS -> LINKTYPE_SLIP_BSDOS
-    16: 103,  # DLT_PPP_BSDOS -> LINKTYPE_PPP_BSDOS
-    19: 106,  # DLT_ATM_CLIP (Linux) -> LINKTYPE_ATM_CLIP
-}
 
 DEFAULT_TEMPLATE = (
     "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap"
@@ -121,9 +108,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _CID_SAFE = str.maketrans({"+": "-", "/": "_", ":": "_", "=": None})
 
 
-def linktype_of(dlt: int) -> int:
-    """The LINKTYPE value for a file header from the DLT value pcapy reports."""
-    return DLT_TO_LINKTYPE.get(dlt, dlt)
+linktype_of = dlt_to_linktype  # the LINKTYPE value for a file header from pcapy's DLT value
 
 
 def safe(text: str) -> str:
