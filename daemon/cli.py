@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from streamtap.config import Config
+
 from . import __version__
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -216,17 +218,15 @@ def _summary_line(stats: dict[str, Any], elapsed: float) -> str:
     return line
 
 
-def run_offline(args: argparse.Namespace, cfg) -> int:
-    from .api import Reassembler
+def run_offline(args: argparse.Namespace, cfg: Config) -> int:
     from .decode import UnsupportedLinkType
-    from .reader import CaptureError, FilterError, Sources
+    from .pipeline import Pipeline
+    from .reader import CaptureError, FilterError
 
     sinks = make_sinks(cfg)
-    r = Reassembler(cfg, summary=False)
-    bpf = cfg.capture.filter or None
+    pipe = Pipeline(args.read, cfg, bpf=cfg.capture.filter or None, count=args.count)
     started = time.monotonic()
     status = EXIT_OK
-    count = args.count
     show_progress = not args.quiet and sys.stderr.isatty() and "-" not in args.read
     bar = None
     failed: set[int] = set()  # sinks that failed: written to no more (not even at the end)
@@ -239,36 +239,23 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
     try:
         open_sinks(sinks)
         opened = True
-        src = Sources(args.read, bpf)
+        pipe.open()
         if show_progress:
-            bar = _progress(src.total_size)
-        for linktype, data, meta in src:
-            if count is not None:
-                left = count - r.packets
-                if left <= 0:
-                    break
-                if len(meta) // 16 > left:
-                    meta = meta[: left * 16]
-            r.feed_batch(linktype, data, meta)
-            deliver(r.completed())
+            bar = _progress(pipe.total_size)
+        for streams in pipe.batches():
+            deliver(streams)
             if bar is not None:
-                bar.update(src.bytes_read - bar.n)
-                rate = r.packets / max(time.monotonic() - started, 1e-9)
+                bar.update(pipe.bytes_read - bar.n)
+                rate = pipe.packets / max(time.monotonic() - started, 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} pkt/s")
     except FilterError as e:
         print(f"streamtap: bad filter expression: {e}", file=sys.stderr)
         status = EXIT_USAGE
-    except UnsupportedLinkType as e:
-        print(f"streamtap: {e}", file=sys.stderr)
-        status = EXIT_RUNTIME
-    except CaptureError as e:
+    except (UnsupportedLinkType, CaptureError, SinkFailure) as e:
         print(f"streamtap: {e}", file=sys.stderr)
         status = EXIT_RUNTIME
     except BrokenPipeError:
         raise
-    except SinkFailure as e:
-        print(f"streamtap: {e}", file=sys.stderr)
-        status = EXIT_RUNTIME
     except OSError as e:
         # not a sink's (those are SinkFailure): e.g. the progress bar's terminal
         from streamtap.sinks.base import describe_error
@@ -278,10 +265,11 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
     finally:
         if bar is not None:
             bar.close()
-        # the streams read before any damage are still delivered (to the sinks still working)
+        # after a sink failure, the streams still open go to the sinks still working (after
+        # damage the pipeline has handed them over already: this flush is then empty)
         try:
             if opened:
-                deliver(r.flush())
+                deliver(pipe.flush())
         except BrokenPipeError:
             status = EXIT_OK
         except SinkFailure as e:
@@ -293,8 +281,8 @@ def run_offline(args: argparse.Namespace, cfg) -> int:
                 s.close()
             except _sink_errors():
                 pass
-    if not args.quiet and status != EXIT_USAGE and (status == EXIT_OK or r.packets):
-        print(_summary_line(r.stats, time.monotonic() - started), file=sys.stderr)
+    if not args.quiet and status != EXIT_USAGE and (status == EXIT_OK or pipe.packets):
+        print(_summary_line(pipe.stats, time.monotonic() - started), file=sys.stderr)
     return status
 
 

@@ -7,7 +7,8 @@ Endpoints (every body is JSON except /metrics; every error is `{"error": "..."}`
 - ``POST /pcaps`` with ``{"path": "/abs/file.pcap"}``: reassemble that capture with a flow table
   of its own and hand its streams to ``deliver`` (the running sinks). The path must resolve
   (symlinks followed) inside one of ``ingest_dirs``. Answers 202 with the job and
-  ``Location: /pcaps/<id>``. Jobs run one at a time, in order, on one background thread.
+  ``Location: /pcaps/<id>``. Jobs run one at a time, in order, on one background thread
+  (`streamtap.ingest`); when `ingest.MAX_QUEUED` jobs already wait, the answer is 503.
   ``POST /pcap`` is an alias (the Go reassembler streamtap replaces took paths there); POST only.
 - ``GET /pcaps/<id>``: the job: ``{"id", "path", "status": queued|running|done|failed,
   "packets", "streams", "error", "started", "finished"}``. ``started`` is when the job was
@@ -25,19 +26,19 @@ import ipaddress
 import json
 import logging
 import os
-import queue
 import socket
 import socketserver
 import stat
 import threading
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from streamtap.config import Config
+
 from . import metrics
+from .ingest import MAX_QUEUED, IngestError, IngestJob, Ingestor
+from .stream import Stream
 
 log = logging.getLogger("streamtap.control")
 
@@ -46,7 +47,6 @@ __all__ = ["ControlError", "ControlServer", "IngestJob", "parse_listen"]
 SOCKET_MODE = 0o660
 SOCKET_DIR_MODE = 0o750
 MAX_BODY = 64 * 1024
-MAX_JOBS_KEPT = 1000  # finished jobs beyond this are forgotten, oldest first
 REQUEST_TIMEOUT = 30.0  # an idle keep-alive connection is closed after this
 JSON_TYPE = "application/json"
 
@@ -72,29 +72,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ControlError(f"control listen address {listen!r}: only a loopback address "
                            "(127.0.0.1) is allowed, the control API has no authentication")
     return host, int(port)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-@dataclass
-class IngestJob:
-    """One POST /pcaps request."""
-
-    id: str
-    path: str
-    status: str = "queued"
-    packets: int = 0
-    streams: int = 0
-    error: str | None = None
-    started: str = field(default_factory=_now)
-    finished: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "status": self.status,
-                "packets": self.packets, "streams": self.streams, "error": self.error,
-                "started": self.started, "finished": self.finished}
 
 
 class _HttpError(Exception):
@@ -190,7 +167,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/pcaps":
             self._allow(method, "GET, POST")
             if method == "POST":
-                job = self.control.submit(self._read_path())
+                try:
+                    job = self.control.submit(self._read_path())
+                except IngestError as e:
+                    raise _HttpError(e.status, str(e)) from None
                 self._json(202, job.as_dict(), {"Location": f"/pcaps/{job.id}"})
             else:
                 self._json(200, self.control.jobs())
@@ -282,26 +262,21 @@ class ControlServer:
         listen: str | None = None,
         ingest_dirs: Sequence[str] = (),
         state: Callable[[], dict],
-        deliver: Callable[[list], None],
-        config: Callable[[], object] | None = None,
+        deliver: Callable[[list[Stream]], None],
+        config: Callable[[], Config | None] | None = None,
+        max_queued: int = MAX_QUEUED,
     ) -> None:
         if socket_path is None and listen is None:
             raise ControlError("the control server needs a unix socket path or a listen address")
         self.address = os.path.abspath(socket_path) if socket_path else None
         self._listen = parse_listen(listen) if listen else None
-        self.ingest_dirs = tuple(os.path.realpath(d) for d in ingest_dirs)
         self.state = state
-        self.deliver = deliver
-        self.config = config
+        self.ingest = Ingestor(ingest_dirs, deliver, config, max_queued=max_queued)
         self.port: int | None = None
         self._registry = metrics.registry(state)
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self._socket_ino: tuple[int, int] | None = None
-        self._jobs: dict[str, IngestJob] = {}
-        self._jobs_lock = threading.Lock()
-        self._queue: queue.Queue[IngestJob | None] = queue.Queue()
-        self._stopping = threading.Event()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -328,9 +303,7 @@ class ControlServer:
                                  name="streamtap-control", daemon=True)
             t.start()
             self._threads.append(t)
-        t = threading.Thread(target=self._ingest_loop, name="streamtap-ingest", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self.ingest.start()
         where = [self.address] if self.address else []
         if self.port is not None and self._listen:
             where.append(f"{self._listen[0]}:{self.port}")
@@ -382,18 +355,13 @@ class ControlServer:
     def stop(self) -> None:
         """Stop listening, remove the socket file, end the ingest thread (a running job stops
         at its next batch and is marked failed, queued jobs too)."""
-        self._stopping.set()
-        self._queue.put(None)
         for srv in self._servers:
             srv.shutdown()
         self._close_servers()
         for t in self._threads:
             t.join(timeout=5.0)
         self._threads = []
-        with self._jobs_lock:
-            for job in self._jobs.values():
-                if job.status in ("queued", "running"):
-                    job.status, job.error, job.finished = "failed", "daemon stopped", _now()
+        self.ingest.stop()
 
     def _close_servers(self) -> None:
         for srv in self._servers:
@@ -419,91 +387,11 @@ class ControlServer:
     # ---------------------------------------------------------------- ingest jobs
 
     def submit(self, path: str) -> IngestJob:
-        """Check `path` (raises _HttpError 400/403/404) and queue an ingest job for it."""
-        if not os.path.isabs(path):
-            raise _HttpError(400, f"path must be absolute, got {path!r}")
-        if not self.ingest_dirs:
-            raise _HttpError(403, "ingestion is disabled: control.ingest_dirs is empty")
-        real = os.path.realpath(path)
-        if not any(os.path.commonpath([real, d]) == d for d in self.ingest_dirs):
-            raise _HttpError(403, f"{path} is not inside an ingest directory "
-                             f"({', '.join(self.ingest_dirs)})")
-        if not os.path.exists(real):
-            raise _HttpError(404, f"{path}: no such file")
-        if not os.path.isfile(real):
-            raise _HttpError(400, f"{path}: not a regular file")
-        if self._stopping.is_set():
-            raise _HttpError(503, "the daemon is stopping")
-        job = IngestJob(id=uuid.uuid4().hex[:16], path=real)
-        with self._jobs_lock:
-            self._jobs[job.id] = job
-            self._prune()
-        self._queue.put(job)
-        log.info("ingest %s: queued %s", job.id, real)
-        return job
-
-    def _prune(self) -> None:
-        extra = len(self._jobs) - MAX_JOBS_KEPT
-        if extra > 0:
-            for jid in [j.id for j in self._jobs.values() if j.finished][:extra]:
-                del self._jobs[jid]
+        """Queue an ingest job for `path`; raises `IngestError` (400/403/404/503)."""
+        return self.ingest.submit(path)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        with self._jobs_lock:
-            job = self._jobs.get(job_id)
-            return job.as_dict() if job else None
+        return self.ingest.job(job_id)
 
     def jobs(self) -> list[dict[str, Any]]:
-        with self._jobs_lock:
-            return [j.as_dict() for j in self._jobs.values()]
-
-    def _ingest_loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None or self._stopping.is_set():
-                return
-            try:
-                self._run(job)
-            except Exception as e:  # never kill the thread; the job says what went wrong
-                log.exception("ingest %s: %s failed", job.id, job.path)
-                self._finish(job, "failed", f"internal error: {e}")
-
-    def _finish(self, job: IngestJob, status: str, error: str | None) -> None:
-        with self._jobs_lock:
-            job.status, job.error, job.finished = status, error, _now()
-
-    def _run(self, job: IngestJob) -> None:
-        """`streamtap.reassemble(path, config=config())`, unrolled to count packets as it goes
-        and to deliver streams in the batches they complete in."""
-        from .api import Reassembler
-        from .decode import UnsupportedLinkType
-        from .reader import CaptureError, read
-
-        with self._jobs_lock:
-            job.status = "running"
-        log.info("ingest %s: reading %s", job.id, job.path)
-        r = Reassembler(self.config() if self.config else None, summary=False)
-
-        def hand_over(streams: list) -> None:
-            if streams:
-                self.deliver(streams)
-                with self._jobs_lock:
-                    job.streams += len(streams)
-
-        try:
-            for linktype, data, meta in read([job.path], None):
-                if self._stopping.is_set():
-                    self._finish(job, "failed", "daemon stopped")
-                    return
-                r.feed_batch(linktype, data, meta)
-                with self._jobs_lock:
-                    job.packets = r.packets
-                hand_over(r.completed())
-        except (CaptureError, UnsupportedLinkType) as e:
-            hand_over(r.flush())
-            log.warning("ingest %s: %s", job.id, e)
-            self._finish(job, "failed", str(e))
-            return
-        hand_over(r.flush())
-        self._finish(job, "done", None)
-        log.info("ingest %s: done, %d packets, %d streams", job.id, job.packets, job.streams)
+        return self.ingest.jobs()

@@ -427,6 +427,41 @@ def test_stop_interrupts_queued_jobs(short_dir: Path) -> None:
     assert statuses <= {"done", "failed"}
 
 
+def test_ingest_full_queue_answers_503(short_dir: Path) -> None:
+    # one job running (held in deliver), max_queued jobs waiting: the next POST is refused
+    # with 503 instead of growing the queue; once the queue drains, POSTs are accepted again
+    gate = threading.Event()
+    running = threading.Event()
+    got: list = []
+
+    def held_deliver(streams: list) -> None:
+        running.set()
+        gate.wait(10)
+        got.extend(streams)
+
+    h = Harness(short_dir)
+    ingest = h.ingest
+    h.server = ControlServer(h.sock, listen=None, ingest_dirs=[str(ingest)], state=dict,
+                             deliver=held_deliver, max_queued=2)
+    for i in range(5):
+        conv(40000 + i, T0, b"a", b"b").write(ingest / f"{i}.pcap")
+    with h.server:
+        code, _, first = h.post(str(ingest / "0.pcap"))
+        assert code == 202
+        assert running.wait(10)  # job 0 is running, not waiting
+        accepted = [h.post(str(ingest / f"{i}.pcap")) for i in (1, 2)]
+        assert [c for c, _, _ in accepted] == [202, 202]
+        code, _, body = h.post(str(ingest / "3.pcap"))
+        assert code == 503 and "2 ingest jobs are already waiting" in body["error"]
+        assert len(h.server.jobs()) == 3  # the refused request left no job behind
+        gate.set()
+        for job in [first, *(j for _, _, j in accepted)]:
+            assert h.wait(job["id"])["status"] == "done"
+        code, _, job = h.post(str(ingest / "4.pcap"))
+        assert code == 202 and h.wait(job["id"])["status"] == "done"
+    assert sorted(s.client[1] for s in got) == [40000, 40001, 40002, 40004]
+
+
 # ----------------------------------------------------------------- ctl
 
 

@@ -1,0 +1,290 @@
+"""The engine's one pipeline: captures -> decoders -> flow table -> completed streams.
+
+`Reassembler` is the packet-level part (feed frames or pcapy batches, pull completed streams);
+`Pipeline` reads capture files through it. Every offline reader uses `Pipeline`: the CLI's `-r`
+(`cli.run_offline`), the library's `streamtap.reassemble`, and the daemon's `POST /pcaps`
+ingestion (`ingest`). What they share is decided here, once:
+
+- the files are opened up front (`open()`): a missing file or a bad filter fails before any
+  packet is read (`CaptureError`, `FilterError`);
+- streams come out in the batches they complete in (`batches()`), so memory stays bounded by
+  the open connections, not by the capture;
+- damage (`CaptureError`: a truncated or corrupt file; `UnsupportedLinkType`) first hands over
+  every stream read before it, open ones flushed with close_reason "shutdown", then raises;
+- a consumer that stops early (closes the generator) gets no flush: `flush()` is its call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from streamtap import config as cfgmod
+from streamtap.config import Config
+
+from .decode import Decoder, UnsupportedLinkType
+from .flowtable import CLOSED, FlowTable, Limits
+from .pcapfmt import META_LEN, CaptureError
+from .reader import Sources
+from .stream import Stream
+
+__all__ = ["ConfigLike", "Pipeline", "Reassembler", "streams_dict"]
+
+STATS_GROUPS = ("streams", "evicted")  # flow-table stats "<group>_<reason>" -> {reason: n}
+
+
+ConfigLike = Config | str | os.PathLike[str] | None  # a Config, a YAML path, or None: defaults
+
+
+def _load_config(config: ConfigLike) -> Config:
+    if config is None:
+        return cfgmod.default()
+    if isinstance(config, (str, os.PathLike)):
+        return cfgmod.load(config)
+    return config
+
+
+class Reassembler:
+    """Incremental reassembly: feed packets, pull completed streams.
+
+    >>> r = Reassembler()
+    >>> r.feed(ts, 1, frame)          # linktype 1 = Ethernet
+    >>> for s in r.completed(): ...
+    >>> for s in r.flush(): ...       # end of input: every open stream, close_reason "shutdown"
+    """
+
+    def __init__(
+        self, config: ConfigLike = None, *, interface: str | None = None, summary: bool = True
+    ) -> None:
+        self.config = cfg = _load_config(config)
+        self.limits = Limits.from_config(cfg)
+        self.table = FlowTable(self.limits, interface=interface)
+        self._decoders: dict[int, Decoder] = {}
+        # Every completed stream's endpoints, start and bytes, for summary() and get_streams();
+        # summary=False keeps nothing (the CLI, the workers: unbounded input).
+        self._kept: list[Stream] | None = [] if summary else None
+        self.packets = 0
+
+    def reconfigure(self, config: ConfigLike) -> None:
+        """Apply a reloaded config's reassembly settings in place (SIGHUP), keeping open flows.
+
+        New flows get the new depth; open flows keep the depth budget they started with. Idle
+        timeouts of open flows are re-derived from their state (linger after FIN/RST is kept).
+        `keep_packets` cannot change on a live table (open flows have no packet list): the old
+        value stays until restart. Pending IP fragments keep their old settings.
+        """
+        cfg = _load_config(config)
+        t = self.table
+        lim = Limits.from_config(cfg)
+        if lim.keep_packets != t.limits.keep_packets:
+            lim = dataclasses.replace(lim, keep_packets=t.limits.keep_packets)
+        self.config = cfg
+        self.limits = lim
+        t.set_limits(lim)
+        for h in list(t.flows.values()):
+            f = h.flow
+            if h.is_client and f.state != CLOSED:
+                t._set_state(f, f.state)
+
+    def _decoder(self, linktype: int) -> Decoder:
+        d = self._decoders.get(linktype)
+        if d is None:
+            frag = self.config.reassembly.fragments
+            d = self._decoders[linktype] = Decoder(
+                linktype,
+                frag_max_pending=frag.max_pending,
+                frag_timeout=frag.timeout,
+                # the pcap sink writes every frame of a stream, fragments included
+                frag_frames=self.table.frag_frames if self.limits.keep_packets else None,
+            )
+        return d
+
+    def feed(self, ts: float, linktype: int, frame: bytes) -> None:
+        """One captured frame of the given link type (DLT), timestamp in epoch seconds."""
+        self.packets += 1
+        dec = self._decoder(linktype).decode(frame, 0, len(frame), ts)
+        if dec is not None:
+            self.table.linktype = linktype
+            self.table.packet(ts, dec, frame)
+
+    def feed_batch(self, linktype: int, data: bytes, meta: bytes) -> int:
+        """A pcapy `next_batch()` result: the capture loop's fast path. Returns packets fed."""
+        self.table.linktype = linktype
+        self.table.feed(self._decoder(linktype).decode, data, meta)
+        n = len(meta) // 16
+        self.packets += n
+        return n
+
+    def advance(self, now: float) -> None:
+        """Move time forward without a packet (live capture on an idle link)."""
+        self.table.advance(now)
+
+    def completed(self) -> list[Stream]:
+        """Streams completed since the last call."""
+        done = self.table.done
+        if not done:
+            return []
+        self.table.done = []
+        if self._kept is not None:
+            self._kept.extend(done)
+        return done
+
+    def flush(self) -> list[Stream]:
+        """End of input: close every open stream (close_reason "shutdown") and return them with
+        anything else completed."""
+        self.table.flush("shutdown")
+        return self.completed()
+
+    def summary(self) -> dict[str, dict[int, int]]:
+        """Byte counts: {key: {client_port: client_bytes, server_port: server_bytes}} for every
+        completed stream, key "client_ip:client_port-server_ip:server_port" (IPv6 addresses in
+        brackets). Connections sharing a key (port reuse) add up; equal ports count both
+        directions under the one port. The contents are in `get_streams()`."""
+        out: dict[str, dict[int, int]] = {}
+        for s in self._kept or ():
+            counts = out.setdefault(_summary_key(s), {})
+            for port, n in ((s.client[1], len(s.client_data)), (s.server[1], len(s.server_data))):
+                counts[port] = counts.get(port, 0) + n
+        return out
+
+    def get_streams(self) -> dict[str, dict[int, bytes]]:
+        """Stream contents of every completed stream, as the scapy stream extractor's
+        get_streams() returned them: {"SRC:SPORT ==> DST:DPORT": {SPORT: client_bytes, DPORT:
+        server_bytes}} (`streamtap.api` docstring: port reuse and equal ports). Call `flush()`
+        first to include the streams still open. Empty with `Reassembler(summary=False)`."""
+        return streams_dict(self._kept or ())
+
+    @property
+    def malformed(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for d in self._decoders.values():
+            total.update(d.malformed)
+        return total
+
+    @property
+    def skipped(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for d in self._decoders.values():
+            total.update(d.skipped)
+        return total
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Every counter of the flow table, the decoders and the defragmenters. Flow-table keys
+        `streams_<reason>` and `evicted_<reason>` are grouped into {reason: n} dicts; any other
+        flow-table key is passed through as it is, so a counter added there reaches the daemon's
+        /status and /metrics with no plumbing. `flows_active` is the one gauge."""
+        out: dict[str, Any] = {
+            "packets": self.packets,
+            "streams": {},
+            "evicted": {},
+            "malformed": dict(self.malformed),
+            "skipped": dict(self.skipped),
+            "gaps": 0,
+            "missed_bytes": self.table.gap_bytes,
+            "flows_active": self.table.nflows,
+        }
+        for k, v in self.table.stats.items():
+            group, _, reason = k.partition("_")
+            if group in STATS_GROUPS and reason:
+                out[group][reason] = v
+            else:
+                out[k] = v
+        return out
+
+
+def _summary_key(s: Stream) -> str:
+    def ep(ip: str, port: int) -> str:
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    return f"{ep(*s.client)}-{ep(*s.server)}"
+
+
+def _streams_key(s: Stream) -> str:
+    return f"{s.client[0]}:{s.client[1]} ==> {s.server[0]}:{s.server[1]}"
+
+
+def streams_dict(streams: Iterable[Stream]) -> dict[str, dict[int, bytes]]:
+    """The get_streams() dict of these streams (`streamtap.api` docstring)."""
+    parts: dict[str, list[tuple[float, int, Stream]]] = {}
+    for n, s in enumerate(streams):
+        parts.setdefault(_streams_key(s), []).append((s.start, n, s))
+    out: dict[str, dict[int, bytes]] = {}
+    for key, conns in parts.items():
+        conns.sort(key=lambda c: c[:2])  # start time; completion order breaks ties
+        client = b"".join(s.client_data for _, _, s in conns)
+        server = b"".join(s.server_data for _, _, s in conns)
+        cport, sport = conns[0][2].client[1], conns[0][2].server[1]
+        out[key] = {cport: client + server} if cport == sport else {cport: client, sport: server}
+    return out
+
+
+class Pipeline:
+    """Capture files through one `Reassembler`: `batches()` yields streams as they complete.
+    One use per instance.
+
+    >>> p = Pipeline(["a.pcap", "b.pcap"], cfg, bpf="tcp port 80")
+    >>> for streams in p.batches(): ...     # a list per capture batch, often empty
+    """
+
+    def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                 config: ConfigLike = None, *, bpf: str | None = None,
+                 count: int | None = None, summary: bool = False) -> None:
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [os.fspath(p) for p in paths]
+        self.bpf = bpf
+        self.count = count  # stop after this many packets (tcpdump -c)
+        self.reassembler = Reassembler(config, summary=summary)
+        self.source: Sources | None = None
+
+    def open(self) -> None:
+        """Open every capture now (else the first `batches()` step does). Raises
+        `CaptureError` or `FilterError`."""
+        if self.source is None:
+            self.source = Sources(self.paths, self.bpf)
+
+    @property
+    def packets(self) -> int:
+        return self.reassembler.packets
+
+    @property
+    def total_size(self) -> int | None:
+        """Bytes of all captures (None when one is not a regular file): for a progress bar."""
+        return self.source.total_size if self.source is not None else None
+
+    @property
+    def bytes_read(self) -> int:
+        return self.source.bytes_read if self.source is not None else 0
+
+    def batches(self) -> Iterator[list[Stream]]:
+        """The streams completed by each capture batch, then the end-of-input flush."""
+        self.open()
+        assert self.source is not None
+        r = self.reassembler
+        try:
+            for linktype, data, meta in self.source:
+                if self.count is not None:
+                    left = self.count - r.packets
+                    if left <= 0:
+                        break
+                    if len(meta) // META_LEN > left:
+                        meta = meta[: left * META_LEN]
+                r.feed_batch(linktype, data, meta)
+                yield r.completed()
+        except (CaptureError, UnsupportedLinkType):
+            yield r.flush()  # what was read before the damage is still the user's
+            raise
+        yield r.flush()
+
+    def flush(self) -> list[Stream]:
+        """Every stream still open, closed now ("shutdown"), and any completed but not handed
+        over: for a consumer that stopped `batches()` early and still wants them."""
+        return self.reassembler.flush()
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.reassembler.stats
