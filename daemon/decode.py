@@ -156,13 +156,8 @@ TH_ACK = 0x10
 TH_URG = 0x20
 TH_ECE = 0x40
 TH_CWR = 0x80
-TCP_OPT_EOL = 0
-TCP_OPT_NOP = 1
-TCP_OPT_MSS = 2  # RFC 9293
-TCP_OPT_WSCALE = 3  # RFC 7323
-TCP_OPT_SACK_PERMITTED = 4  # RFC 2018
-TCP_OPT_SACK = 5  # RFC 2018
-TCP_OPT_TIMESTAMP = 8  # RFC 7323
+# The decoder hands TCP options on as raw bytes (segment field 11): nothing in the engine reads
+# them, so no parser is kept for them.
 
 # --- Precompiled unpackers (STYLE D3): one unpack_from per header.
 _U16 = struct.Struct("!H").unpack_from
@@ -178,52 +173,6 @@ _TCP = struct.Struct("!HHIIBBH").unpack_from
 _TS = struct.Struct("!II").unpack_from
 
 Segment = tuple[int, bytes, bytes, int, int, int, int, int, int, bytes, int, bytes]
-
-
-class UnsupportedLinkType(Exception):
-    """The link type is neither on the fast path nor decodable by an impacket fallback."""
-
-
-def parse_tcp_options(opts: bytes) -> dict[str, Any]:
-    """Parse raw TCP option bytes into the options streamtap uses.
-
-    Returns only the keys present: ``mss`` (int), ``wscale`` (int, raw shift count: RFC 7323
-    says treat > 14 as 14, that is the consumer's call), ``sack_permitted`` (True), ``sack``
-    (list of (left, right) edges), ``ts`` ((value, echo reply)). Parsing stops at EOL or at the
-    first option whose length is invalid or runs past the end (as Linux does); options with a
-    wrong fixed length are skipped.
-    """
-    out: dict[str, Any] = {}
-    i = 0
-    n = len(opts)
-    while i < n:
-        kind = opts[i]
-        if kind == TCP_OPT_EOL:
-            break
-        if kind == TCP_OPT_NOP:
-            i += 1
-            continue
-        if i + 1 >= n:
-            break
-        olen = opts[i + 1]
-        if olen < 2 or i + olen > n:
-            break
-        if kind == TCP_OPT_MSS:
-            if olen == 4:
-                out["mss"] = _U16(opts, i + 2)[0]
-        elif kind == TCP_OPT_WSCALE:
-            if olen == 3:
-                out["wscale"] = opts[i + 2]
-        elif kind == TCP_OPT_SACK_PERMITTED:
-            if olen == 2:
-                out["sack_permitted"] = True
-        elif kind == TCP_OPT_SACK:
-            if olen > 2 and (olen - 2) % 8 == 0:
-                out["sack"] = [_TS(opts, j) for j in range(i + 2, i + olen, 8)]
-        elif kind == TCP_OPT_TIMESTAMP and olen == 10:
-            out["ts"] = _TS(opts, i + 2)
-        i += olen
-    return out
 
 
 # Link type -> name of the Decoder method that decodes a frame of it.
@@ -254,9 +203,8 @@ _IMPACKET_LINKS: dict[int, str] = {
 }
 
 
-def supported_linktypes() -> dict[str, list[int]]:
-    """Link types by path: ``{"fast": [...], "impacket": [...]}``."""
-    return {"fast": sorted(_FAST_LINKS), "impacket": sorted(_IMPACKET_LINKS)}
+class UnsupportedLinkType(Exception):
+    """The link type is neither on the fast path nor decodable by an impacket fallback."""
 
 
 class Decoder:

@@ -1,6 +1,6 @@
 """The flow table of one shard: connection lookup, TCP state, close, timeouts and limits.
 
-Every packet goes through `FlowTable.packet`. Its first half is the hot path (DESIGN "Capture":
+Every capture batch goes through `FlowTable.feed`, whose loop is the hot path (DESIGN "Capture":
 decode plus flow dict plus in-order append is most of the time budget), so it is written flat:
 one dict lookup on the directional 4-tuple, a handful of compares, an append. Everything else
 (handshake, FIN/RST, retransmission, out-of-order, new flows, timeouts) is in `_slow` and in
@@ -14,6 +14,8 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from streamtap.config import Config
 
 from . import reassembly as ra
 from .decode import TH_ACK, TH_FIN, TH_RST, TH_SYN
@@ -55,7 +57,7 @@ class Limits:
     memory: int = 1 << 30
 
     @classmethod
-    def from_config(cls, cfg) -> Limits:
+    def from_config(cls, cfg: Config) -> Limits:
         r = cfg.reassembly
         t, lim = r.timeouts, r.limits
         return cls(

@@ -5,7 +5,7 @@ Sequence numbers wrap at 2^32; they are turned into 64-bit offsets once, at the 
 An offset counts sequence space from the direction's first byte (SYN excluded), so offsets
 include skipped gaps; positions in `buf` do not. `gaps` maps one to the other.
 
-The in-order append is inlined in `flowtable.FlowTable.packet` (hot path); this module holds the
+The in-order append is inlined in `flowtable.FlowTable.feed` (hot path); this module holds the
 rare paths: out-of-order storage, retransmissions, overlaps, gaps and limits. Every gap goes
 through `skip_gap` (Zeek's one choke point) so the counters cannot drift apart, and every late
 fill of a gap through `fill_gap`: a skipped hole stays fillable until the stream is emitted

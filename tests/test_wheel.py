@@ -218,26 +218,6 @@ def test_huge_jump_keeps_future_entries() -> None:
     assert w.advance(1e6 + 0.5) == [far]
 
 
-def test_next_deadline_hint() -> None:
-    w = TimerWheel(tick=1.0, slots=4)
-    assert w.next_deadline_hint() is None
-    e = TimerEntry("e")
-    w.schedule(e, 50.5)
-    hint = w.next_deadline_hint()
-    assert hint is not None and hint <= 50.5
-    # Following the hints reaches the deadline in a few hops, never passing it.
-    hops = 0
-    while e.scheduled:
-        hint = w.next_deadline_hint()
-        assert hint is not None and hint <= 50.5
-        w.advance(hint)
-        hops += 1
-        assert hops < 10
-    assert w.now == 50.5
-    w.schedule(e, 50.7)
-    assert w.next_deadline_hint() == 50.7
-
-
 # -- lazy re-arm (DESIGN "Reassembly") --------------------------------------------------------
 
 
@@ -356,11 +336,6 @@ def test_matches_brute_force_model(seed: int) -> None:
         assert len(w) == len(model)
         for k in model:
             assert pool[k].scheduled
-        hint = w.next_deadline_hint()
-        if model:
-            assert hint is not None and hint <= min(model.values())
-        else:
-            assert hint is None
     # Drain: everything still scheduled fires by the largest deadline.
     if model:
         last = max(model.values())
