@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from streamtap import config as cfgmod
+import streamtap.config as cfgmod
 from streamtap.config import Config
 
 from .decode import Decoder, UnsupportedLinkType
