@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import metrics
+from .errors import Error
 
 log = logging.getLogger("streamtap.control")
 
@@ -51,7 +52,7 @@ REQUEST_TIMEOUT = 30.0  # an idle keep-alive connection is closed after this
 JSON_TYPE = "application/json"
 
 
-class ControlError(Exception):
+class ControlError(Error):
     """The control server cannot start (bad listen address, socket in use...)."""
 
 

@@ -35,6 +35,7 @@ from collections import Counter
 from typing import Any
 
 from .defrag import Defragmenter
+from .errors import Error
 
 # --- Link types (tcpdump.org/linktypes.html; pcapy reports the DLT value, which equals the
 # LINKTYPE value except for raw IP: LINKTYPE_RAW 101 reads back as DLT_RAW 12, or 14 on OpenBSD).
@@ -180,7 +181,7 @@ _TS = struct.Struct("!II").unpack_from
 Segment = tuple[int, bytes, bytes, int, int, int, int, int, int, bytes, int, bytes]
 
 
-class UnsupportedLinkType(Exception):
+class UnsupportedLinkType(Error):
     """The link type is neither on the fast path nor decodable by an impacket fallback."""
 
 

@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 
 import pcapy
 
+from .errors import Error
+
 __all__ = ["CaptureError", "FilterError", "Source", "open_source", "read"]
 
 STDIN = "-"
@@ -55,7 +57,7 @@ WALK_CHUNK = 1 << 20
 MIXED_LINKTYPES = "differs from the first"  # _walk_pcapng's problem: see Source._fallback
 
 
-class CaptureError(Exception):
+class CaptureError(Error):
     """A capture cannot be opened or is damaged. One-line message naming the file and, when
     known, the byte offset of the damage (`offset`, else None)."""
 
@@ -65,7 +67,7 @@ class CaptureError(Exception):
         self.offset = offset
 
 
-class FilterError(ValueError):
+class FilterError(Error, ValueError):
     """A BPF expression libpcap refuses; the message is libpcap's."""
 
 
