@@ -16,6 +16,7 @@ so it imports nothing above itself.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import os
 import types
@@ -332,7 +333,7 @@ class SinkConfig:
     )
     # the sink type's options dataclass once validated (dump() reads units and secrets from
     # it); not a setting
-    options_class: type | None = field(default=None, compare=False, repr=False,
+    options_class: builtins.type | None = field(default=None, compare=False, repr=False,
                                        metadata={"internal": True})
 
 

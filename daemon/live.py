@@ -22,10 +22,10 @@ from .supervisor import Supervisor
 log = logging.getLogger("streamtap.live")
 
 
-def control_socket_path(args: Any, cfg: Any, interface: str) -> str:
+def control_socket_path(args: Any, cfg: Config, interface: str | None) -> str:
     """--control-socket, else control.socket, else <runtime>/<iface>.sock."""
     return (getattr(args, "control_socket", None) or cfg.control.socket
-            or paths.control_socket(interface))
+            or paths.control_socket(str(interface)))
 
 
 def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:

@@ -7,6 +7,7 @@ A sink module exposes a class implementing `Sink`, registered by type name (buil
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,7 @@ class Sink:
     """
 
     type: str = "base"
-    options_class: type | None = None
+    options_class: builtins.type | None = None
     options_check: Callable[[Any, str], None] | None = None
     spec_key: str | None = None
     needs_packets: bool = False

@@ -120,7 +120,8 @@ def parse_sink_spec(spec: str) -> dict[str, Any]:
 
 
 class _Named(Protocol):
-    type: str
+    @property
+    def type(self) -> str: ...
 
     @property
     def name(self) -> str | None: ...
