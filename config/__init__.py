@@ -1,56 +1,55 @@
 """streamtap configuration: typed, frozen settings loaded from YAML.
 
     from streamtap import config
-    cfg = config.load("streamtap.yaml", overrides={"capture": {"interface": "eth0"}})
+    from streamtap.sinks.registry import sink_types
+    cfg = config.load("streamtap.yaml", overrides={"capture": {"interface": "eth0"}},
+                      sink_types=sink_types())
     cfg.reassembly.timeouts.handshake   # float seconds
     cfg.reassembly.limits.memory        # int bytes
 
-Every error is a :class:`ConfigError` whose str() reads ``file:line: key.path: message``.
-The settings, their defaults, help and units are declared once, in :mod:`.schema`.
+Every error is a :class:`ConfigError` (a ``streamtap.Error``) whose str() reads
+``file:line: key.path: message``. The settings, their defaults, help and units are declared once,
+in :mod:`.schema`; each sink type declares its own options in the sinks package and reaches this
+package as a :class:`SinkTypes` catalog. The directory rules are in :mod:`.paths`. This package
+imports nothing of streamtap but :mod:`streamtap.errors`.
 """
 
+from . import paths
 from .loader import default, default_path, dump, load, loads, reference_table
 from .schema import (
-    SINK_SPEC_KEYS,
-    SINK_TYPES,
     CaptureConfig,
     Config,
     ConfigError,
     ControlConfig,
-    CouchdbOptions,
     FragmentsConfig,
-    JsonlOptions,
     LimitsConfig,
     LoggingConfig,
-    OptionsValidator,
-    PcapOptions,
     ReassemblyConfig,
+    SinkCatalog,
     SinkConfig,
-    SinkValidator,
+    SinkType,
+    SinkTypes,
     TimeoutsConfig,
-    parse_sink_spec,
+    check_sinks,
     setting,
 )
 from .units import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
-    "SINK_SPEC_KEYS",
-    "SINK_TYPES",
     "CaptureConfig",
     "Config",
     "ConfigError",
     "ControlConfig",
-    "CouchdbOptions",
     "FragmentsConfig",
-    "JsonlOptions",
     "LimitsConfig",
     "LoggingConfig",
-    "OptionsValidator",
-    "PcapOptions",
     "ReassemblyConfig",
+    "SinkCatalog",
     "SinkConfig",
-    "SinkValidator",
+    "SinkType",
+    "SinkTypes",
     "TimeoutsConfig",
+    "check_sinks",
     "default",
     "default_path",
     "dump",
@@ -60,7 +59,7 @@ __all__ = [
     "loads",
     "parse_duration",
     "parse_size",
-    "parse_sink_spec",
+    "paths",
     "reference_table",
     "setting",
 ]

@@ -22,12 +22,12 @@ from typing import Any, get_type_hints
 import yaml
 
 from .schema import (
-    SINK_TYPES,
     Config,
     ConfigError,
-    OptionsValidator,
     SinkConfig,
+    SinkTypes,
     build,
+    check_sinks,
     describe_type,
     mask_secret,
 )
@@ -50,9 +50,17 @@ def default() -> Config:
 
 
 def load(
-    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    sink_types: SinkTypes | None = None,
 ) -> Config:
     """Load a YAML config file (None = the shipped default.yaml), then apply ``overrides``.
+
+    ``sink_types`` (``streamtap.sinks.registry.sink_types()``) checks each sink's options now,
+    with the YAML line in errors, fills in their defaults and turns ``keep_packets`` on for a
+    sink that needs the packets; without it, sink options stay as given, and
+    ``streamtap.sinks.registry.build_sinks`` checks them.
 
     ``overrides`` is a nested mapping of plain values applied on top of the file (mappings merge,
     anything else, lists included, replaces); dotted keys (``"capture.snaplen"``) are expanded. A
@@ -77,19 +85,25 @@ def load(
             ) from exc
         except UnicodeDecodeError as exc:
             raise ConfigError(f"cannot read config file: not UTF-8 ({exc})", source=source) from exc
-    return loads(text, source, overrides=overrides)
+    return loads(text, source, overrides=overrides, sink_types=sink_types)
 
 
 def loads(
-    text: str, source: str = "<string>", *, overrides: Mapping[str, Any] | None = None
+    text: str,
+    source: str = "<string>",
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    sink_types: SinkTypes | None = None,
 ) -> Config:
-    """Load a config from YAML text; ``source`` names it in errors. Empty text = defaults."""
+    """Load a config from YAML text; ``source`` names it in errors. Empty text = defaults.
+    ``overrides`` and ``sink_types``: see :func:`load`."""
     data, lines = _parse(text, source)
-    cfg = _validate(data, lines, source)
+    cfg = _validate(data, lines, source, sink_types)
     if overrides:
         over = _expand(overrides, "")
-        _validate(over, {}, None)  # report errors against the overrides' own key paths
-        cfg = _validate(_merge(data, over), {}, None)
+        # report errors against the overrides' own key paths
+        _validate(over, {}, None, sink_types)
+        cfg = _validate(_merge(data, over), {}, None, sink_types)
     return cfg
 
 
@@ -203,9 +217,13 @@ def _line_for(key_path: str | None, lines: Mapping[str, int]) -> int | None:
     return None
 
 
-def _validate(data: Any, lines: Mapping[str, int], source: str | None) -> Config:
+def _validate(
+    data: Any, lines: Mapping[str, int], source: str | None, sink_types: SinkTypes | None
+) -> Config:
     try:
         cfg: Config = build(Config, data, "")
+        if sink_types is not None:
+            cfg = check_sinks(cfg, sink_types)
     except ConfigError as exc:
         if exc.line is None:
             exc.line = _line_for(exc.key_path, lines)
@@ -292,11 +310,20 @@ def _field_help(f: dataclasses.Field[Any], tp: Any) -> str:
     return text
 
 
-def _sink_options_fields(type_name: str) -> dict[str, dataclasses.Field[Any]]:
-    validator = SINK_TYPES.get(type_name)
-    if not isinstance(validator, OptionsValidator):
+def _options_fields(options_class: type | None) -> dict[str, dataclasses.Field[Any]]:
+    if options_class is None or not dataclasses.is_dataclass(options_class):
         return {}
-    return {f.name: f for f in dataclasses.fields(validator.options_cls)}
+    return {f.name: f for f in dataclasses.fields(options_class)}
+
+
+def _options_classes(sink_types: SinkTypes | None) -> list[tuple[str, type | None]]:
+    if sink_types is None:
+        return []
+    out = []
+    for name in sink_types.names():
+        sink_type = sink_types.get(name)
+        out.append((name, sink_type.options_class if sink_type is not None else None))
+    return out
 
 
 def _shown(value: Any, f: dataclasses.Field[Any] | None, redact: bool) -> Any:
@@ -314,20 +341,19 @@ def _emit_sinks(sinks: tuple[SinkConfig, ...], indent: int, redact: bool,
         items: list[tuple[str, Any]] = [("type", sink.type)]
         if sink.name is not None:
             items.append(("name", sink.name))
-        fields = _sink_options_fields(sink.type)
+        fields = _options_fields(sink.options_class)
         items += [(k, _shown(v, fields.get(k), redact)) for k, v in sink.options.items()]
         for i, (key, value) in enumerate(items):
             lead = "- " if i == 0 else "  "
             out.append(f"{pad}{lead}{_scalar(key)}: {_scalar(value)}")
 
 
-def _sink_types_comment(indent: int) -> list[str]:
+def _sink_types_comment(indent: int, sink_types: SinkTypes | None) -> list[str]:
     lines: list[str] = []
-    for type_name, validator in SINK_TYPES.items():
-        if not isinstance(validator, OptionsValidator):
+    for type_name, cls in _options_classes(sink_types):
+        if cls is None:
             lines += _comment(f"type: {type_name}", indent)
             continue
-        cls = validator.options_cls
         lines += _comment(f"type: {type_name} -- {cls.__doc__ or ''}", indent)
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -354,7 +380,8 @@ Example:
       url: http://127.0.0.1:5984"""
 
 
-def _emit(obj: Any, indent: int, comments: bool, redact: bool, out: list[str]) -> None:
+def _emit(obj: Any, indent: int, comments: bool, redact: bool, out: list[str],
+          sink_types: SinkTypes | None) -> None:
     pad = " " * indent
     hints = get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -365,10 +392,10 @@ def _emit(obj: Any, indent: int, comments: bool, redact: bool, out: list[str]) -
             out += _comment(_field_help(f, hints[f.name]), indent)
             if f.name == "sinks" and indent == 0:
                 out += _comment("Sink types and their keys:", indent)
-                out += _sink_types_comment(indent)
+                out += _sink_types_comment(indent, sink_types)
         if dataclasses.is_dataclass(value):
             out.append(f"{pad}{f.name}:")
-            _emit(value, indent + _INDENT, comments, redact, out)
+            _emit(value, indent + _INDENT, comments, redact, out, sink_types)
         elif f.name == "sinks" and isinstance(value, tuple) and value:
             out.append(f"{pad}{f.name}:")
             _emit_sinks(value, indent + _INDENT, redact, out)
@@ -386,17 +413,23 @@ _HEADER = """\
 # Every key is optional: a missing key takes the default shown here."""
 
 
-def dump(cfg: Config, *, comments: bool = False, redact: bool = True) -> str:
+def dump(
+    cfg: Config,
+    *,
+    comments: bool = False,
+    redact: bool = True,
+    sink_types: SinkTypes | None = None,
+) -> str:
     """The config as YAML, valid input for :func:`load`; durations and sizes in human units.
 
-    ``comments=True`` adds each setting's help as a comment (this is how the shipped
-    default.yaml is produced: ``dump(default(), comments=True)``). Secrets (passwords, a URL's
-    userinfo) are masked unless ``redact=False``: the output lands in terminals, tickets and
-    logs.
+    ``comments=True`` adds each setting's help as a comment; with ``sink_types`` it also lists
+    every sink type's keys (the shipped default.yaml is ``dump(default(), comments=True,
+    sink_types=streamtap.sinks.registry.sink_types())``). Secrets (passwords, a URL's userinfo)
+    are masked unless ``redact=False``: the output lands in terminals, tickets and logs.
     """
     out: list[str] = _HEADER.splitlines() + [""] if comments else []
     body: list[str] = []
-    _emit(cfg, 0, comments, redact, body)
+    _emit(cfg, 0, comments, redact, body, sink_types)
     return "\n".join(out + body) + "\n"
 
 
@@ -407,7 +440,8 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _rows(cls: type, prefix: str, obj: Any) -> list[tuple[str, str, str, str]]:
+def _rows(cls: type, prefix: str, obj: Any,
+          sink_types: SinkTypes | None = None) -> list[tuple[str, str, str, str]]:
     rows = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -415,11 +449,13 @@ def _rows(cls: type, prefix: str, obj: Any) -> list[tuple[str, str, str, str]]:
         unit = f.metadata.get("unit")
         tp = hints[f.name]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp) and obj is not None:
-            rows += _rows(tp, f"{key}.", getattr(obj, f.name))
+            rows += _rows(tp, f"{key}.", getattr(obj, f.name), sink_types)
             continue
         if f.name == "sinks" and cls is Config:
             rows.append((f"`{key}`", "`[]`", "", _field_help(f, tp)))
-            rows += _sink_rows()
+            rows += _sink_rows(sink_types)
+            continue
+        if f.metadata.get("internal"):
             continue
         if obj is not None:
             value = getattr(obj, f.name)
@@ -437,20 +473,21 @@ def _rows(cls: type, prefix: str, obj: Any) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _sink_rows() -> list[tuple[str, str, str, str]]:
+def _sink_rows(sink_types: SinkTypes | None) -> list[tuple[str, str, str, str]]:
     rows = [r for r in _rows(SinkConfig, "sinks[].", None) if r[0] != "`sinks[].options`"]
-    for type_name, validator in SINK_TYPES.items():
-        if isinstance(validator, OptionsValidator):
-            rows += _rows(validator.options_cls, f"sinks[type={type_name}].", None)
+    for type_name, cls in _options_classes(sink_types):
+        if cls is not None:
+            rows += _rows(cls, f"sinks[type={type_name}].", None)
     return rows
 
 
-def reference_table() -> str:
+def reference_table(sink_types: SinkTypes | None = None) -> str:
     """Markdown table of every setting (key path, default, unit, description) for the README.
 
-    Sink options appear as ``sinks[type=jsonl].path`` for every registered options-based type.
+    Sink options appear as ``sinks[type=jsonl].path`` for every type of ``sink_types`` that
+    declares an options class.
     """
-    rows = _rows(Config, "", default())
+    rows = _rows(Config, "", default(), sink_types)
     lines = ["| Key | Default | Unit | Description |", "| --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

@@ -8,23 +8,26 @@ everything else follows.
 Validation works on plain Python values (from YAML nodes or from CLI overrides alike) and raises
 :class:`ConfigError` carrying the key path; the loader adds the YAML line.
 
-Sinks: ``SINK_TYPES`` maps a sink type name to a validator ``(options, key_path) -> dict``. The
-built-in types are declared as option dataclasses wrapped by :class:`OptionsValidator`; the sinks
-package (and later, entry-point plugins) may add entries.
+Sinks: each sink type declares its own options (``options_class`` on the sink class, in the
+sinks package); this package knows only the shape of an entry (``type``, ``name``, options) and
+validates the options through a :class:`SinkTypes` catalog passed down to it (:func:`check_sinks`),
+so it imports nothing above itself.
 """
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import os
-import re
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field
 from difflib import get_close_matches
-from typing import Any, Literal, get_args, get_origin, get_type_hints
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import Any, Literal, Protocol, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
+
+from streamtap.errors import Error
 
 from .units import _show, parse_duration, parse_size
 
@@ -36,7 +39,7 @@ GIB = 1024**3
 MAX_SNAPLEN = 262144  # libpcap's MAXIMUM_SNAPLEN; tcpdump's -s 0 means this
 
 
-class ConfigError(Exception):
+class ConfigError(Error):
     """A configuration problem: ``source:line: key.path: message``.
 
     ``key_path`` is dotted (``reassembly.timeouts.handshake``, ``sinks[0].type``), None for file or
@@ -130,23 +133,6 @@ def _absolute_dirs(value: tuple[str, ...], path: str) -> tuple[str, ...]:
     return tuple(os.path.normpath(item) for item in value)
 
 
-def _http_url(value: str, path: str) -> str:
-    if not re.match(r"https?://[^/\s]+", value):
-        raise ConfigError(f"expected an http:// or https:// URL, got {redact_url(value)!r}", path)
-    return value
-
-
-def _couchdb_name(value: str | None, path: str) -> str | None:
-    # CouchDB's rule for database names.
-    if value is not None and not re.fullmatch(r"[a-z][a-z0-9_$()+/-]*", value):
-        raise ConfigError(
-            f"expected a CouchDB database name (lowercase letter, then a-z 0-9 _$()+-/), "
-            f"got {value!r}",
-            path,
-        )
-    return value
-
-
 def redact_url(url: str) -> str:
     """`url` without its userinfo (`http://u:p@h:1/` -> `http://***@h:1/`)."""
     parts = urlsplit(url)
@@ -164,28 +150,6 @@ def mask_secret(value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return "***"
-
-
-COUCHDB_DEFAULT_DATABASE = "streamtap"
-
-
-def couchdb_location(url: str, database: str | None) -> tuple[str, str]:
-    """(base path, database) a CouchDB sink talks to (DESIGN "Pinned details": CouchDB URL).
-
-    With ``database`` unset, the URL's last path segment (percent-decoded) is the database and
-    what precedes it the server's base path, as PouchDB and the CouchDB replicator read such a
-    URL: ``http://h/couch/streams/`` -> ("/couch", "streams"). A URL without a path segment
-    keeps the default database ``streamtap``. An explicit ``database`` keeps the whole path as
-    the base (a reverse proxy's prefix). The base path has no trailing slash and stays
-    percent-encoded, as it goes on the wire.
-    """
-    path = urlsplit(url).path.rstrip("/")
-    if database is not None:
-        return path, database
-    base, _, last = path.rpartition("/")
-    if not last:
-        return "", COUCHDB_DEFAULT_DATABASE
-    return base, unquote(last)
 
 
 def _unique_sink_names(value: tuple[SinkConfig, ...], path: str) -> tuple[SinkConfig, ...]:
@@ -358,8 +322,7 @@ class ReassemblyConfig:
 class SinkConfig:
     """One sink entry: ``type``, optional ``name``, and the type's options (defaults filled in)."""
 
-    type: str = setting(help="Sink type: one of the keys of SINK_TYPES (jsonl, pcap, couchdb, "
-                             "files).")
+    type: str = setting(help="Sink type: jsonl, pcap, couchdb, files, or an installed plugin's.")
     name: str | None = setting(
         None, help="Name in logs and metrics; null = the type name (numbered if repeated)."
     )
@@ -368,6 +331,10 @@ class SinkConfig:
         hash=False,
         metadata={"help": "The type-specific keys, validated, with their defaults filled in."},
     )
+    # the sink type's options dataclass once validated (dump() reads units and secrets from
+    # it); not a setting
+    options_class: builtins.type | None = field(default=None, compare=False, repr=False,
+                                       metadata={"internal": True})
 
 
 @dataclass(frozen=True)
@@ -406,136 +373,35 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
-class JsonlOptions:
-    """JSON Lines: one stream record per line."""
+class SinkType:
+    """What the config needs to know of a sink type. The sinks layer declares it (each sink
+    class its own ``options_class``) and hands a :class:`SinkTypes` catalog down to
+    :func:`~streamtap.config.load`, so this package imports no sink code.
 
-    path: str = setting("-", help='Output file; "-" = stdout.')
-    payload_encoding: Literal["base64", "hex", "utf8", "none"] = setting(
-        "base64",
-        help="How payload bytes go into the record (utf8 = lossy, none = no payload fields).",
-    )
-    max_payload: int = setting(
-        1 * MIB,
-        unit="size",
-        help="Payload bytes encoded per direction and record; 0 = unlimited.",
-    )
-    rotate_bytes: int = setting(
-        0, unit="size", help="Rotate the file before it would grow past this; 0 = never."
-    )
-    rotate_seconds: float = setting(
-        0, unit="duration", help="Rotate the file when it is this old; 0 = never."
-    )
-    compress_rotated: bool = setting(False, help="gzip rotated files (PATH.<UTC time>.gz).")
-    fsync: Literal["never", "batch", "always"] = setting(
-        "never", help="fsync after nothing, every batch, or every record."
-    )
-
-
-def _pcap_template(value: str, path: str) -> str:
-    from streamtap.sinks.pcap import check_template
-
-    try:
-        check_template(value)
-    except ValueError as e:
-        raise ConfigError(str(e), path) from None
-    return value
-
-
-@dataclass(frozen=True)
-class PcapOptions:
-    """pcap files of each stream's packets (reassembly.keep_packets is turned on for it)."""
-
-    dir: str = setting(help="Directory the pcap files are written to (required).")
-    mode: Literal["per_stream", "rotating"] = setting(
-        "per_stream", help="One file per stream (named by template), or one rotating file."
-    )
-    template: str = setting(
-        "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap",
-        check=_pcap_template,
-        help="per_stream file name under dir; fields start, end, client_ip, client_port, "
-        "server_ip, server_port, stream_id, community_id, close_reason, interface, ip_version.",
-    )
-    rotate_bytes: int = setting(0, unit="size", help="rotating mode: size limit; 0 = never.")
-    rotate_seconds: float = setting(
-        0, unit="duration", help="rotating mode: age limit; 0 = never."
-    )
-    max_open_files: int = setting(256, positive=True, help="Open file handles kept (LRU).")
-    nanosecond: bool = setting(False, help="Write nanosecond-magic files (µs-precise times).")
-    snaplen: int = setting(262144, positive=True, max=262144, help="snaplen in file headers.")
-
-
-@dataclass(frozen=True)
-class FilesOptions:
-    """tcpflow's layout: one file per direction that carried bytes, streams.jsonl beside them."""
-
-    dir: str = setting(help="Directory the flow files and streams.jsonl go to (required).")
-    gaps: Literal["skip", "zero"] = setting(
-        "skip", help="Missing bytes: skip = left out; zero = zero bytes (sparse), so file "
-        "offsets equal sequence offsets, as in tcpflow's files."
-    )
-    subdirs: Literal["none", "day", "hour"] = setting(
-        "none", help="none = every file in dir (tcpflow's layout); day = YYYYMMDD/; hour = "
-        "YYYYMMDD/HH/ (UTC, stream start)."
-    )
-
-
-@dataclass(frozen=True)
-class CouchdbOptions:
-    """CouchDB 3.x (or a compatible server) over HTTP, _bulk_docs batches."""
-
-    url: str = setting(
-        check=_http_url,
-        secret=True,
-        help="Database URL, e.g. http://127.0.0.1:5984/streams (required): without database, "
-        "the last path segment names the database and what precedes it is the server's base "
-        "path. Credentials (http://user:password@host) are masked in logs and --check-config.",
-    )
-    database: str | None = setting(
-        None,
-        check=_couchdb_name,
-        help="Database name; null = the URL's last path segment (streamtap if the URL has no "
-        "path). When set, the whole URL path is the server's base path.",
-    )
-    username: str | None = setting(
-        None, help="null = from the URL, else $STREAMTAP_COUCHDB_USER (never logged)."
-    )
-    password: str | None = setting(
-        None, secret=True,
-        help="null = from the URL, else $STREAMTAP_COUCHDB_PASSWORD (never logged; prefer "
-        "the environment, e.g. the unit's EnvironmentFile)."
-    )
-    timeout: float = setting(30.0, unit="duration", positive=True, help="HTTP request timeout.")
-    max_attachment: int = setting(
-        1 * MIB, unit="size", help="Payload bytes attached per direction; 0 = unlimited."
-    )
-    batch_docs: int = setting(500, positive=True, help="Documents per _bulk_docs request.")
-    batch_bytes: int = setting(4 * MIB, unit="size", positive=True,
-                               help="Bytes per _bulk_docs request.")
-
-
-SinkValidator = Callable[[Mapping[str, Any], str], Mapping[str, Any]]
-
-
-class OptionsValidator:
-    """A sink validator built from an options dataclass: known keys, types, units, defaults.
-
-    ``validator(options, key_path)`` returns the options as a dict with defaults filled in;
-    ``options_cls`` lets ``dump()`` and ``reference_table()`` show units and help. ``check``,
-    if given, is called as ``check(options_obj, key_path)`` for rules that span several keys.
+    ``options_class`` is a frozen dataclass of :func:`setting` fields (None: the keys are passed
+    through as given); ``check(options_obj, key_path)`` states rules spanning several keys;
+    ``needs_packets`` turns ``reassembly.keep_packets`` on (the pcap sink writes the packets);
+    ``spec_key`` is the key ``--sink NAME:VALUE`` sets.
     """
 
-    def __init__(self, type_name: str, options_cls: type,
-                 check: Callable[[Any, str], None] | None = None) -> None:
-        self.type_name = type_name
-        self.options_cls = options_cls
-        self.check = check
+    name: str
+    options_class: type | None = None
+    check: Callable[[Any, str], None] | None = None
+    needs_packets: bool = False
+    spec_key: str | None = None
 
-    def __call__(self, options: Mapping[str, Any], key_path: str) -> dict[str, Any]:
+    def validate(self, options: Mapping[str, Any], key_path: str) -> dict[str, Any]:
+        """The options with defaults filled in; raises :class:`ConfigError`."""
+        if self.options_class is None:
+            result = dict(options)
+            if self.check is not None:
+                self.check(result, key_path)
+            return result
         obj = build(
-            self.options_cls,
+            self.options_class,
             options,
             key_path,
-            where=f"for sink type {self.type_name}",
+            where=f"for sink type {self.name}",
             extra_known=("type", "name"),
         )
         if self.check is not None:
@@ -543,30 +409,25 @@ class OptionsValidator:
         return dataclasses.asdict(obj)
 
 
-def _couchdb_url_database(options: CouchdbOptions, key_path: str) -> None:
-    # A database named by the URL must be a valid name too: say so now (exit 2), not as an
-    # HTTP 400 from the server once capture has started.
-    if options.database is not None:
-        return
-    _base, database = couchdb_location(options.url, None)
-    try:
-        _couchdb_name(database, join(key_path, "url"))
-    except ConfigError as e:
-        raise ConfigError(f"the URL's last path segment names the database: {e.message}",
-                          e.key_path) from None
+class SinkTypes(Protocol):
+    """A catalog of sink types (``streamtap.sinks.registry.sink_types()`` is the real one)."""
+
+    def get(self, type_name: str) -> SinkType | None: ...
+
+    def names(self) -> list[str]: ...
 
 
-SINK_TYPES: dict[str, SinkValidator] = {
-    "jsonl": OptionsValidator("jsonl", JsonlOptions),
-    "pcap": OptionsValidator("pcap", PcapOptions),
-    "couchdb": OptionsValidator("couchdb", CouchdbOptions, check=_couchdb_url_database),
-    "files": OptionsValidator("files", FilesOptions),
-}
+class SinkCatalog:
+    """A fixed :class:`SinkTypes` catalog, in the order given (tests, embedders)."""
 
-# What --sink TYPE:VALUE sets for each built-in type.
-SINK_SPEC_KEYS: dict[str, str] = {
-    "jsonl": "path", "pcap": "dir", "couchdb": "url", "files": "dir",
-}
+    def __init__(self, types: Iterable[SinkType]) -> None:
+        self._types = {t.name: t for t in types}
+
+    def get(self, type_name: str) -> SinkType | None:
+        return self._types.get(type_name)
+
+    def names(self) -> list[str]:
+        return list(self._types)
 
 
 @dataclass(frozen=True)
@@ -586,19 +447,12 @@ class Config:
     control: ControlConfig = setting(factory=ControlConfig, help=ControlConfig.__doc__ or "")
     logging: LoggingConfig = setting(factory=LoggingConfig, help=LoggingConfig.__doc__ or "")
 
-    def __post_init__(self) -> None:
-        # A pcap sink writes each stream's packets as captured, so the reassembler must keep
-        # them; turning it on here makes --check-config show the value in force.
-        if any(sc.type == "pcap" for sc in self.sinks) and not self.reassembly.keep_packets:
-            object.__setattr__(
-                self, "reassembly", dataclasses.replace(self.reassembly, keep_packets=True)
-            )
-
     def effective_sinks(self) -> tuple[SinkConfig, ...]:
         """``sinks``, or the default when empty: one JSON Lines sink on stdout, base64 payloads."""
         if self.sinks:
             return self.sinks
-        return (SinkConfig(type="jsonl", name=None, options=dataclasses.asdict(JsonlOptions())),)
+        # the sink fills in its other defaults (streamtap.sinks.registry.build_sinks)
+        return (SinkConfig(type="jsonl", options={"path": "-", "payload_encoding": "base64"}),)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -739,47 +593,44 @@ def convert(tp: Any, value: Any, path: str, unit: Unit = None) -> Any:
     raise TypeError(f"unsupported setting type {tp!r} at {path}")
 
 
-def _plugin_validator(type_name: str) -> SinkValidator | None:
-    """Third-party sinks (entry-point group "streamtap.sinks"), looked up only for a type that
-    is not built in, so plain configs never import plugin code."""
-    from streamtap.sinks.registry import plugin_validator
-
-    return plugin_validator(type_name)
-
-
-def _available_types() -> list[str]:
-    from streamtap.sinks.registry import plugins
-
-    return [*SINK_TYPES, *sorted(t for t in plugins() if t not in SINK_TYPES)]
-
-
 def _build_sink(value: Any, path: str) -> SinkConfig:
-    known = ", ".join(SINK_TYPES)
+    """A sink entry's shape (a mapping with a string ``type``); its options are checked by
+    :func:`check_sinks` against the sink type's own declaration."""
     if isinstance(value, SinkConfig):  # overrides may pass SinkConfig objects: re-validate them
         value = {**value.options, "type": value.type, "name": value.name}
     if not isinstance(value, Mapping):
         raise ConfigError(f"expected a mapping with a type key, got {_show(value)}", path)
     if "type" not in value:
-        raise ConfigError(f"missing required key 'type' (known types: {known})", path)
+        raise ConfigError("missing required key 'type'", path)
     type_name = value["type"]
     if not isinstance(type_name, str):
         raise ConfigError(f"expected a string, got {_show(type_name)}", f"{path}.type")
-    validator = SINK_TYPES.get(type_name) or _plugin_validator(type_name)
-    if validator is None:
-        known = ", ".join(_available_types())
-        raise ConfigError(f"unknown sink type {type_name!r}; known types: {known}", f"{path}.type")
     name = value.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ConfigError(f"expected a non-empty string, got {_show(name)}", f"{path}.name")
     options = {k: v for k, v in value.items() if k not in ("type", "name")}
-    return SinkConfig(type=type_name, name=name, options=dict(validator(options, path)))
+    return SinkConfig(type=type_name, name=name, options=options)
 
 
-def parse_sink_spec(spec: str) -> dict[str, Any]:
-    """``--sink jsonl:PATH|- / pcap:DIR / couchdb:URL / files:DIR`` -> a sink mapping for
-    ``overrides``."""
-    type_name, sep, rest = spec.partition(":")
-    if type_name not in SINK_SPEC_KEYS or not sep or not rest:
-        forms = ", ".join(f"{t}:{k.upper()}" for t, k in SINK_SPEC_KEYS.items())
-        raise ConfigError(f"expected one of {forms}, got {spec!r}", "sinks")
-    return {"type": type_name, SINK_SPEC_KEYS[type_name]: rest}
+def check_sink(sink: SinkConfig, path: str, sink_types: SinkTypes) -> SinkConfig:
+    """``sink`` with its options validated by its type, defaults filled in."""
+    sink_type = sink_types.get(sink.type)
+    if sink_type is None:
+        known = ", ".join(sink_types.names())
+        raise ConfigError(f"unknown sink type {sink.type!r}; known types: {known}",
+                          f"{path}.type")
+    options = sink_type.validate(sink.options, path)
+    return SinkConfig(sink.type, sink.name, options, options_class=sink_type.options_class)
+
+
+def check_sinks(cfg: Config, sink_types: SinkTypes) -> Config:
+    """``cfg`` with every sink checked by its type (:func:`check_sink`), and
+    ``reassembly.keep_packets`` on when a sink type needs the packets (shown by
+    ``--check-config`` as the value in force)."""
+    sinks = tuple(check_sink(sc, f"sinks[{i}]", sink_types) for i, sc in enumerate(cfg.sinks))
+    reassembly = cfg.reassembly
+    if not reassembly.keep_packets and any(
+        getattr(sink_types.get(sc.type), "needs_packets", False) for sc in sinks
+    ):
+        reassembly = dataclasses.replace(reassembly, keep_packets=True)
+    return dataclasses.replace(cfg, sinks=sinks, reassembly=reassembly)

@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import pcapy
 
+from .errors import EXIT_CAPTURE_LOST, EXIT_RUNTIME, EXIT_USAGE, Error
+
 # linux/if_packet.h
 PACKET_FANOUT_HASH = pcapy.PACKET_FANOUT_HASH
 PACKET_FANOUT_FLAG_DEFRAG = 0x8000  # reassemble IP fragments before hashing
@@ -56,9 +58,9 @@ _ACTIVATE_ERRORS = {
     -12: "time stamp precision not supported",
 }
 
-EXIT_OPEN = 1  # cannot open the interface (missing, no permission, down)
-EXIT_FILTER = 2  # BPF expression does not compile
-EXIT_LOST = 3  # the capture failed after it started (interface deleted or down)
+# exit codes of a capture failure (streamtap.errors): cannot open the interface (missing, no
+# permission, down); the BPF expression does not compile; failed after it started.
+EXIT_OPEN, EXIT_FILTER, EXIT_LOST = EXIT_RUNTIME, EXIT_USAGE, EXIT_CAPTURE_LOST
 
 _GRANT = (
     "capturing needs CAP_NET_RAW: run as root, or grant the capability to the interpreter "
@@ -67,7 +69,7 @@ _GRANT = (
 )
 
 
-class CaptureOpenError(Exception):
+class CaptureOpenError(Error):
     """The capture cannot start. `exit_code` 1: interface missing/down or no permission;
     2: the BPF expression does not compile (the message is libpcap's)."""
 

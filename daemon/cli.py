@@ -14,14 +14,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from streamtap.config import Config
+from streamtap import config
+from streamtap.config import Config, ConfigError
+from streamtap.sinks.base import OK, Sink, SinkError, describe_error
+from streamtap.sinks.registry import build_sinks, parse_sink_spec, sink_types
 
 from . import __version__
+from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
-
-class UsageError(Exception):
+class UsageError(Error):
     """A bad flag, filter or config: exit 2 with the message."""
 
 
@@ -64,24 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_sink(spec: str) -> dict[str, Any]:
-    """`--sink` forms: jsonl:PATH|-, pcap:DIR, files:DIR, couchdb:URL."""
-    kind, sep, arg = spec.partition(":")
-    if not sep or not arg:
-        raise UsageError(
-            f"--sink {spec!r}: expected jsonl:PATH|-, pcap:DIR, files:DIR or couchdb:URL")
-    if kind == "jsonl":
-        return {"type": "jsonl", "path": arg}
-    if kind == "pcap":
-        return {"type": "pcap", "dir": arg}
-    if kind == "files":
-        return {"type": "files", "dir": arg}
-    if kind == "couchdb":
-        return {"type": "couchdb", "url": arg}
-    raise UsageError(
-        f"--sink {spec!r}: unknown sink type {kind!r} (jsonl, pcap, files, couchdb)")
-
-
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """CLI flags become config overrides, validated like YAML."""
     capture: dict[str, Any] = {}
@@ -113,34 +97,19 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if capture:
         out["capture"] = capture
     if args.sink:
-        out["sinks"] = [parse_sink(s) for s in args.sink]
+        out["sinks"] = [parse_sink_spec(s) for s in args.sink]
     if args.control_socket:
         out["control"] = {"socket": args.control_socket}
     return out
 
 
-def load_config(args: argparse.Namespace):
-    from streamtap import config as cfgmod
-
-    try:
-        return cfgmod.load(args.config, overrides_from_args(args))
-    except cfgmod.ConfigError as e:
-        raise UsageError(str(e)) from None
+def load_config(args: argparse.Namespace) -> Config:
+    """The config the flags name, sink options checked by each sink type (SIGHUP reloads
+    through this too, passed down to the daemon)."""
+    return config.load(args.config, overrides_from_args(args), sink_types=sink_types())
 
 
-def make_sinks(cfg, interface: str | None = None) -> list:
-    """One sink object per configured sink (built-ins and entry-point plugins)."""
-    from streamtap.sinks import registry
-
-    try:
-        return [registry.create(sc, interface=interface) for sc in cfg.effective_sinks()]
-    except registry.UnknownSinkType as e:
-        raise UsageError(str(e)) from None
-    except ValueError as e:
-        raise UsageError(f"sink options: {e}") from None
-
-
-class SinkFailure(Exception):
+class SinkFailure(Error):
     """A sink could not open or refused a batch: offline runs stop on it with exit 1 and this
     one line, `sink NAME: ANSWER` (the server's or the OS's answer)."""
 
@@ -153,15 +122,11 @@ class SinkFailure(Exception):
 # sink, built-in or plugin, that keeps to this gets the one-line exit 1 offline and the
 # one-line log and retry in the daemon; anything else is a bug and keeps its traceback.
 def _sink_errors() -> tuple[type[BaseException], ...]:
-    from streamtap.sinks.base import SinkError
-
     return (OSError, SinkError)
 
 
-def open_sinks(sinks: list) -> None:
+def open_sinks(sinks: list[Sink]) -> None:
     """Open every sink; the first that cannot raises `SinkFailure`."""
-    from streamtap.sinks.base import describe_error
-
     errors = _sink_errors()
     for sink in sinks:
         try:
@@ -170,14 +135,12 @@ def open_sinks(sinks: list) -> None:
             raise SinkFailure(sink, describe_error(e)) from None
 
 
-def write_all(sinks: list, streams: list, failed: set[int] | None = None) -> None:
+def write_all(sinks: list[Sink], streams: list, failed: set[int] | None = None) -> None:
     """Offline delivery is synchronous: a batch tool should fail loudly and at once. (The
     daemon puts a SinkRunner with retries and a disk spool in front of each sink instead.)
 
     Every sink not in `failed` (ids) gets the batch, even after another one failed; a sink
     that fails is added to `failed` and the first failure is raised as `SinkFailure`."""
-    from streamtap.sinks.base import OK, describe_error
-
     errors = _sink_errors()
     first: SinkFailure | None = None
     for sink in sinks:
@@ -223,7 +186,7 @@ def run_offline(args: argparse.Namespace, cfg: Config) -> int:
     from .pipeline import Pipeline
     from .reader import CaptureError, FilterError
 
-    sinks = make_sinks(cfg)
+    sinks = build_sinks(cfg)
     pipe = Pipeline(args.read, cfg, bpf=cfg.capture.filter or None, count=args.count)
     started = time.monotonic()
     status = EXIT_OK
@@ -258,8 +221,6 @@ def run_offline(args: argparse.Namespace, cfg: Config) -> int:
         raise
     except OSError as e:
         # not a sink's (those are SinkFailure): e.g. the progress bar's terminal
-        from streamtap.sinks.base import describe_error
-
         print(f"streamtap: {describe_error(e)}", file=sys.stderr)
         status = EXIT_RUNTIME
     finally:
@@ -306,9 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args)
         if args.check_config:
-            from streamtap import config as cfgmod
-
-            sys.stdout.write(cfgmod.dump(cfg))
+            sys.stdout.write(config.dump(cfg))
             return EXIT_OK
         if args.read and args.interface:
             raise UsageError("-r and -i are exclusive: read files or capture live")
@@ -317,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.interface or cfg.capture.interface:
             from .live import run_live
 
-            return run_live(args, cfg)
+            return run_live(args, cfg, load_config=load_config)
         raise UsageError("nothing to do: give -r FILE or -i IFACE (see --help)")
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         print(f"streamtap: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 from streamtap.config import Config
 
 from . import metrics
+from .errors import Error
 from .ingest import MAX_QUEUED, IngestError, IngestJob, Ingestor
 from .stream import Stream
 
@@ -51,7 +52,7 @@ REQUEST_TIMEOUT = 30.0  # an idle keep-alive connection is closed after this
 JSON_TYPE = "application/json"
 
 
-class ControlError(Exception):
+class ControlError(Error):
     """The control server cannot start (bad listen address, socket in use...)."""
 
 

@@ -24,8 +24,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-DEFAULT_RUNTIME = "/run/streamtap"
+from streamtap.config.paths import runtime_dir
+
+from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
+
 POLL_INTERVAL = 0.2
 TIMEOUT = 10.0
 
@@ -48,20 +50,14 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-class NotRunning(Exception):
+class NotRunning(Error):
     """No daemon answers on the socket."""
 
 
-class HttpError(Exception):
+class HttpError(Error):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def runtime_dir() -> str:
-    rt = os.environ.get("RUNTIME_DIRECTORY")
-    # systemd joins several RuntimeDirectory= entries with ':'; ours is the first
-    return rt.split(":")[0] if rt else DEFAULT_RUNTIME
 
 
 def resolve_socket(interface: str | None, socket_path: str | None) -> str:
@@ -174,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ingest(client, os.path.abspath(args.path), args.wait)
     except (NotRunning, HttpError) as e:
         print(e, file=sys.stderr)
-        return EXIT_FAIL
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
     return EXIT_OK
@@ -189,4 +185,4 @@ def _ingest(client: Client, path: str, wait: bool) -> int:
         time.sleep(POLL_INTERVAL)
         job = client.json("GET", f"/pcaps/{job['id']}")
     _print_json(job)
-    return EXIT_OK if job["status"] == "done" else EXIT_FAIL
+    return EXIT_OK if job["status"] == "done" else EXIT_RUNTIME

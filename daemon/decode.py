@@ -35,6 +35,7 @@ from collections import Counter
 from typing import Any
 
 from .defrag import Defragmenter
+from .errors import Error
 
 # --- Link types (tcpdump.org/linktypes.html; pcapy reports the DLT value, which equals the
 # LINKTYPE value except for raw IP: LINKTYPE_RAW 101 reads back as DLT_RAW 12, or 14 on OpenBSD).
@@ -175,6 +176,10 @@ _TS = struct.Struct("!II").unpack_from
 Segment = tuple[int, bytes, bytes, int, int, int, int, int, int, bytes, int, bytes]
 
 
+class UnsupportedLinkType(Error):
+    """The link type is neither on the fast path nor decodable by an impacket fallback."""
+
+
 # Link type -> name of the Decoder method that decodes a frame of it.
 _FAST_LINKS: dict[int, str] = {
     DLT_EN10MB: "_link_ether",
@@ -201,10 +206,6 @@ _IMPACKET_LINKS: dict[int, str] = {
     DLT_IEEE802_11_RADIO: "RadioTapDecoder",
     DLT_IEEE802_11: "Dot11Decoder",
 }
-
-
-class UnsupportedLinkType(Exception):
-    """The link type is neither on the fast path nor decodable by an impacket fallback."""
 
 
 class Decoder:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
+
+from streamtap.config import Config, paths
 
 from . import logs
 from .notify import Notifier
@@ -19,14 +22,10 @@ from .supervisor import Supervisor
 log = logging.getLogger("streamtap.live")
 
 
-def runtime_dir() -> str:
-    return os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/streamtap"
-
-
-def control_socket_path(args: Any, cfg: Any, interface: str) -> str:
+def control_socket_path(args: Any, cfg: Config, interface: str | None) -> str:
     """--control-socket, else control.socket, else <runtime>/<iface>.sock."""
     return (getattr(args, "control_socket", None) or cfg.control.socket
-            or os.path.join(runtime_dir(), f"{interface}.sock"))
+            or paths.control_socket(str(interface)))
 
 
 def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
@@ -48,31 +47,22 @@ def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
     return server
 
 
-def state_dir() -> str:
-    """$STATE_DIRECTORY (systemd StateDirectory=) else /var/lib/streamtap (DESIGN)."""
-    return (os.environ.get("STATE_DIRECTORY") or "").split(":")[0] or "/var/lib/streamtap"
-
-
 def make_daemon_sinks(cfg: Any, interface: str | None) -> list:
     """Every configured sink behind its own runner (queue, retries, disk spool under
     <state>/<iface>/spool/<sink>/), so a slow or dead sink never stalls capture."""
+    from streamtap.sinks.registry import build_sinks
     from streamtap.sinks.runner import RunnerSink
 
-    from .cli import make_sinks
-
-    sinks = make_sinks(cfg, interface)
-    seen: dict[str, int] = {}
-    for sink in sinks:  # two sinks of one type need two spools
-        n = seen[sink.name] = seen.get(sink.name, 0) + 1
-        if n > 1:
-            sink.name = f"{sink.name}-{n}"
+    sinks = build_sinks(cfg, interface)  # named apart (sink_names): one spool each
     timeout = max(1.0, cfg.capture.shutdown_timeout / 2)
-    root = os.path.join(state_dir(), interface or "offline", "spool")
+    root = os.path.join(paths.state_dir(), interface or "offline", "spool")
     return [RunnerSink(s, spool_dir=os.path.join(root, s.name), stop_timeout=timeout)
             for s in sinks]
 
 
-def run_live(args: Any, cfg: Any) -> int:
+def run_live(args: Any, cfg: Config,
+             load_config: Callable[[Any], Config] | None = None) -> int:
+    """``load_config(args)`` (from the CLI, passed down) reloads the config on SIGHUP."""
     def make_sinks(c: Any) -> list:
         return make_daemon_sinks(c, interface)
 
@@ -83,7 +73,7 @@ def run_live(args: Any, cfg: Any) -> int:
     for s in sinks:
         s.open()  # starts the sink's runner thread; the sink itself opens lazily
     sup = Supervisor(cfg, args, sinks=sinks, interface=interface, notifier=Notifier(),
-                     make_sinks=make_sinks)
+                     make_sinks=make_sinks, load_config=load_config)
     control = start_control(control_socket_path(args, cfg, interface), cfg, sup)
     try:
         return sup.run()

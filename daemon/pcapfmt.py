@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+from .errors import Error
+
 __all__ = ["CaptureError", "FilterError"]
 
 # --- pcap (https://www.tcpdump.org/manpages/pcap-savefile.5.html)
@@ -57,7 +59,7 @@ def dlt_to_linktype(dlt: int) -> int:
     return DLT_TO_LINKTYPE.get(dlt, dlt)
 
 
-class CaptureError(Exception):
+class CaptureError(Error):
     """A capture cannot be opened or is damaged. One-line message naming the file and, when
     known, the byte offset of the damage (`offset`, else None)."""
 
@@ -67,5 +69,5 @@ class CaptureError(Exception):
         self.offset = offset
 
 
-class FilterError(ValueError):
+class FilterError(Error, ValueError):
     """A BPF expression libpcap refuses; the message is libpcap's."""

@@ -36,11 +36,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
 from .notify import Notifier
 
 log = logging.getLogger("streamtap.supervisor")
 
-EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 BOOT_ERRORS = (EXIT_RUNTIME, EXIT_USAGE)
 
 SIGNALS = ("HUP", "INT", "TERM", "USR1", "CHLD")
@@ -748,9 +748,7 @@ class Supervisor:
         log.info("SIGHUP: reloading the configuration")
         try:
             if self._load_config is None:
-                from .cli import load_config
-
-                self._load_config = load_config
+                raise RuntimeError("no load_config was given")
             new = self._load_config(self.args)
         except Exception as e:
             log.error("reload failed, keeping the running configuration: %s", e)
@@ -805,10 +803,11 @@ class Supervisor:
 
     def build_sinks(self, cfg: Any) -> list:
         if self._make_sinks is None:
-            from .cli import make_sinks
+            from streamtap.sinks.registry import build_sinks
 
-            self._make_sinks = make_sinks
-        sinks = self._make_sinks(cfg)
+            sinks: list = build_sinks(cfg, self.interface)
+        else:
+            sinks = self._make_sinks(cfg)
         opened = []
         try:
             for sink in sinks:

@@ -7,10 +7,12 @@ A sink module exposes a class implementing `Sink`, registered by type name (buil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import builtins
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streamtap.errors import Error
 from streamtap.stream import Stream
 
 OK = "ok"
@@ -18,7 +20,7 @@ RETRY = "retry"
 FATAL = "fatal"
 
 
-class SinkError(Exception):
+class SinkError(Error):
     """A sink cannot open or write for a reason it can state: the server's answer (HTTP 401),
     a refused configuration. Its text is the answer, without the sink's name (callers add it)
     and without credentials.
@@ -65,12 +67,23 @@ class Result:
 class Sink:
     """Base class with no-op defaults; override what the sink needs.
 
-    `options` are the validated config keys of the sink's entry (`streamtap.config` fills in
-    defaults); `interface` is the capture interface (None offline); `state_dir` is where the
-    sink may keep files of its own.
+    `options` are the validated config keys of the sink's entry (defaults filled in from
+    `options_class`); `interface` is the capture interface (None offline); `state_dir` is where
+    the sink may keep files of its own.
+
+    The class declares its settings (`streamtap.sinks.registry` hands them to the config
+    layer): `options_class`, a frozen dataclass of `streamtap.config.setting` fields (None: keys
+    passed through); `options_check(options_obj, key_path)` for rules spanning several keys
+    (raise `streamtap.config.ConfigError`); `spec_key`, the key `--sink TYPE:VALUE` sets;
+    `needs_packets`, true when the sink needs each stream's raw packets (turns
+    `reassembly.keep_packets` on).
     """
 
     type: str = "base"
+    options_class: builtins.type | None = None
+    options_check: Callable[[Any, str], None] | None = None
+    spec_key: str | None = None
+    needs_packets: bool = False
 
     def __init__(
         self, name: str, options: dict[str, Any], *, interface: str | None = None,

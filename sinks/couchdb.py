@@ -45,6 +45,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -52,7 +53,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
 
-from streamtap.config.schema import COUCHDB_DEFAULT_DATABASE, couchdb_location, redact_url
+from streamtap.config.schema import ConfigError, redact_url, setting
 from streamtap.record import to_record
 from streamtap.stream import Stream
 
@@ -229,6 +230,92 @@ class _Response:
 # --------------------------------------------------------------------------- the sink
 
 
+COUCHDB_DEFAULT_DATABASE = "streamtap"
+
+
+def couchdb_location(url: str, database: str | None) -> tuple[str, str]:
+    """(base path, database) a CouchDB sink talks to (DESIGN "Pinned details": CouchDB URL).
+
+    With ``database`` unset, the URL's last path segment (percent-decoded) is the database and
+    what precedes it the server's base path, as PouchDB and the CouchDB replicator read such a
+    URL: ``http://h/couch/streams/`` -> ("/couch", "streams"). A URL without a path segment
+    keeps the default database ``streamtap``. An explicit ``database`` keeps the whole path as
+    the base (a reverse proxy's prefix). The base path has no trailing slash and stays
+    percent-encoded, as it goes on the wire.
+    """
+    path = urlsplit(url).path.rstrip("/")
+    if database is not None:
+        return path, database
+    base, _, last = path.rpartition("/")
+    if not last:
+        return "", COUCHDB_DEFAULT_DATABASE
+    return base, unquote(last)
+
+
+def _http_url(value: str, path: str) -> str:
+    if not re.match(r"https?://[^/\s]+", value):
+        raise ConfigError(f"expected an http:// or https:// URL, got {redact_url(value)!r}", path)
+    return value
+
+
+def _couchdb_name(value: str | None, path: str) -> str | None:
+    # CouchDB's rule for database names.
+    if value is not None and not re.fullmatch(r"[a-z][a-z0-9_$()+/-]*", value):
+        raise ConfigError(
+            f"expected a CouchDB database name (lowercase letter, then a-z 0-9 _$()+-/), "
+            f"got {value!r}",
+            path,
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class CouchdbOptions:
+    """CouchDB 3.x (or a compatible server) over HTTP, _bulk_docs batches."""
+
+    url: str = setting(
+        check=_http_url,
+        secret=True,
+        help="Database URL, e.g. http://127.0.0.1:5984/streams (required): without database, "
+        "the last path segment names the database and what precedes it is the server's base "
+        "path. Credentials (http://user:password@host) are masked in logs and --check-config.",
+    )
+    database: str | None = setting(
+        None,
+        check=_couchdb_name,
+        help="Database name; null = the URL's last path segment (streamtap if the URL has no "
+        "path). When set, the whole URL path is the server's base path.",
+    )
+    username: str | None = setting(
+        None, help="null = from the URL, else $STREAMTAP_COUCHDB_USER (never logged)."
+    )
+    password: str | None = setting(
+        None, secret=True,
+        help="null = from the URL, else $STREAMTAP_COUCHDB_PASSWORD (never logged; prefer "
+        "the environment, e.g. the unit's EnvironmentFile)."
+    )
+    timeout: float = setting(30.0, unit="duration", positive=True, help="HTTP request timeout.")
+    max_attachment: int = setting(
+        1 * MIB, unit="size", help="Payload bytes attached per direction; 0 = unlimited."
+    )
+    batch_docs: int = setting(500, positive=True, help="Documents per _bulk_docs request.")
+    batch_bytes: int = setting(4 * MIB, unit="size", positive=True,
+                               help="Bytes per _bulk_docs request.")
+
+
+def _couchdb_url_database(options: CouchdbOptions, key_path: str) -> None:
+    # A database named by the URL must be a valid name too: say so now (exit 2), not as an
+    # HTTP 400 from the server once capture has started.
+    if options.database is not None:
+        return
+    _base, database = couchdb_location(options.url, None)
+    try:
+        _couchdb_name(database, f"{key_path}.url")
+    except ConfigError as e:
+        raise ConfigError(f"the URL's last path segment names the database: {e.message}",
+                          e.key_path) from None
+
+
 class CouchdbSink(Sink):
     """Stores streams in a CouchDB database (see the module docstring).
 
@@ -239,6 +326,9 @@ class CouchdbSink(Sink):
     """
 
     type = "couchdb"
+    options_class = CouchdbOptions
+    options_check = staticmethod(_couchdb_url_database)
+    spec_key = "url"
 
     def __init__(
         self, name: str, options: dict[str, Any], *, interface: str | None = None,

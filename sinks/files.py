@@ -54,9 +54,11 @@ import socket
 import stat
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from json import dumps
-from typing import Any
+from typing import Any, Literal
 
+from streamtap.config.schema import setting
 from streamtap.record import to_record
 from streamtap.sinks.base import Result, Sink
 from streamtap.stream import Stream
@@ -113,6 +115,21 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     return o
 
 
+@dataclass(frozen=True)
+class FilesOptions:
+    """tcpflow's layout: one file per direction that carried bytes, streams.jsonl beside them."""
+
+    dir: str = setting(help="Directory the flow files and streams.jsonl go to (required).")
+    gaps: Literal["skip", "zero"] = setting(
+        "skip", help="Missing bytes: skip = left out; zero = zero bytes (sparse), so file "
+        "offsets equal sequence offsets, as in tcpflow's files."
+    )
+    subdirs: Literal["none", "day", "hour"] = setting(
+        "none", help="none = every file in dir (tcpflow's layout); day = YYYYMMDD/; hour = "
+        "YYYYMMDD/HH/ (UTC, stream start)."
+    )
+
+
 def direction_chunks(data: bytes, gaps: Sequence[tuple[int, int]]) -> list[bytes | int]:
     """The direction as pieces: bytes to write and ints (hole lengths) between them.
 
@@ -136,6 +153,8 @@ class FilesSink(Sink):
     """Writes each direction's bytes to its own file, named as tcpflow names them."""
 
     type = "files"
+    options_class = FilesOptions
+    spec_key = "dir"
 
     def __init__(
         self,

@@ -42,8 +42,10 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from streamtap.config.schema import setting
 from streamtap.record import PAYLOAD_ENCODINGS, to_json
 from streamtap.sinks.base import Result, Sink
 from streamtap.stream import Stream
@@ -87,10 +89,38 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     return o
 
 
+@dataclass(frozen=True)
+class JsonlOptions:
+    """JSON Lines: one stream record per line."""
+
+    path: str = setting("-", help='Output file; "-" = stdout.')
+    payload_encoding: Literal["base64", "hex", "utf8", "none"] = setting(
+        "base64",
+        help="How payload bytes go into the record (utf8 = lossy, none = no payload fields).",
+    )
+    max_payload: int = setting(
+        1 * MIB,
+        unit="size",
+        help="Payload bytes encoded per direction and record; 0 = unlimited.",
+    )
+    rotate_bytes: int = setting(
+        0, unit="size", help="Rotate the file before it would grow past this; 0 = never."
+    )
+    rotate_seconds: float = setting(
+        0, unit="duration", help="Rotate the file when it is this old; 0 = never."
+    )
+    compress_rotated: bool = setting(False, help="gzip rotated files (PATH.<UTC time>.gz).")
+    fsync: Literal["never", "batch", "always"] = setting(
+        "never", help="fsync after nothing, every batch, or every record."
+    )
+
+
 class JsonlSink(Sink):
     """Writes one JSON record per completed stream, as bytes, to a file or stdout."""
 
     type = "jsonl"
+    options_class = JsonlOptions
+    spec_key = "path"
 
     def __init__(
         self,

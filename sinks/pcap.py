@@ -65,8 +65,10 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from streamtap.config.schema import ConfigError, setting
 from streamtap.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
 from streamtap.sinks.base import Result, Sink
 from streamtap.stream import Stream
@@ -200,6 +202,38 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     return o
 
 
+def _pcap_template(value: str, path: str) -> str:
+    try:
+        check_template(value)
+    except ValueError as e:
+        raise ConfigError(str(e), path) from None
+    return value
+
+
+@dataclass(frozen=True)
+class PcapOptions:
+    """pcap files of each stream's packets (reassembly.keep_packets is turned on for it)."""
+
+    dir: str = setting(help="Directory the pcap files are written to (required).")
+    mode: Literal["per_stream", "rotating"] = setting(
+        "per_stream", help="One file per stream (named by template), or one rotating file."
+    )
+    template: str = setting(
+        "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap",
+        check=_pcap_template,
+        help="per_stream file name under dir; fields start, end, client_ip, client_port, "
+        "server_ip, server_port, stream_id, community_id, close_reason, interface, ip_version.",
+    )
+    rotate_bytes: int = setting(0, unit="size", help="rotating mode: size limit; 0 = never.")
+    rotate_seconds: float = setting(
+        0, unit="duration", help="rotating mode: age limit; 0 = never."
+    )
+    max_open_files: int = setting(256, positive=True, help="Open file handles kept (LRU).")
+    nanosecond: bool = setting(False, help="Write nanosecond-magic files (µs-precise times).")
+    snaplen: int = setting(MAX_SNAPLEN, positive=True, max=MAX_SNAPLEN,
+                           help="snaplen in file headers.")
+
+
 class _Incompatible(Exception):
     """An existing file's header does not match what would be appended."""
 
@@ -208,6 +242,9 @@ class PcapSink(Sink):
     """Writes streams' packets to pcap files (see the module docstring)."""
 
     type = "pcap"
+    options_class = PcapOptions
+    spec_key = "dir"
+    needs_packets = True  # it writes each stream's packets as captured
 
     def __init__(
         self,

@@ -20,8 +20,9 @@ REGENERATE = "make readme  (= .venv/bin/python tests/readme_config.py --write)"
 
 def generated() -> str:
     from streamtap.config.loader import reference_table
+    from streamtap.sinks.registry import sink_types
 
-    return reference_table()
+    return reference_table(sink_types())
 
 
 def split(text: str) -> tuple[str, str, str]:

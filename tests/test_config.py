@@ -12,21 +12,46 @@ import pytest
 
 from streamtap import config
 from streamtap.config import (
-    SINK_TYPES,
     Config,
     ConfigError,
-    OptionsValidator,
+    SinkCatalog,
     SinkConfig,
+    SinkType,
     default,
-    dump,
     format_duration,
     format_size,
-    load,
-    loads,
     parse_duration,
     parse_size,
-    reference_table,
 )
+from streamtap.sinks.registry import parse_sink_spec, sink_types
+
+# the config layer checks sink options through the catalog the sinks layer hands it
+SINKS = sink_types()
+
+
+def load(*args: Any, **kw: Any) -> Config:
+    return config.load(*args, sink_types=kw.pop("sink_types", SINKS), **kw)
+
+
+def loads(*args: Any, **kw: Any) -> Config:
+    return config.loads(*args, sink_types=kw.pop("sink_types", SINKS), **kw)
+
+
+def dump(cfg: Config, **kw: Any) -> str:
+    return config.dump(cfg, sink_types=kw.pop("sink_types", SINKS), **kw)
+
+
+def reference_table() -> str:
+    return config.reference_table(SINKS)
+
+
+def _options_classes() -> dict[str, type]:
+    out = {}
+    for name in SINKS.names():
+        st = SINKS.get(name)
+        assert st is not None and st.options_class is not None
+        out[name] = st.options_class
+    return out
 
 MIB = 1024**2
 
@@ -601,16 +626,17 @@ def test_override_errors_have_key_path_and_no_line(
 
 
 def test_parse_sink_spec() -> None:
-    assert config.parse_sink_spec("jsonl:-") == {"type": "jsonl", "path": "-"}
-    assert config.parse_sink_spec("pcap:/tmp/p") == {"type": "pcap", "dir": "/tmp/p"}
-    assert config.parse_sink_spec("couchdb:http://127.0.0.1:5984") == {
+    assert parse_sink_spec("jsonl:-") == {"type": "jsonl", "path": "-"}
+    assert parse_sink_spec("pcap:/tmp/p") == {"type": "pcap", "dir": "/tmp/p"}
+    assert parse_sink_spec("files:/tmp/f") == {"type": "files", "dir": "/tmp/f"}
+    assert parse_sink_spec("couchdb:http://127.0.0.1:5984") == {
         "type": "couchdb",
         "url": "http://127.0.0.1:5984",
     }
     with pytest.raises(ConfigError, match="expected one of jsonl:PATH"):
-        config.parse_sink_spec("kafka:x")
+        parse_sink_spec("kafka:x")
     with pytest.raises(ConfigError):
-        config.parse_sink_spec("jsonl")
+        parse_sink_spec("jsonl")
 
 
 # --------------------------------------------------------------------------- sinks
@@ -644,22 +670,30 @@ def test_effective_sinks_default_is_stdout_jsonl_base64() -> None:
     assert cfg.effective_sinks() == cfg.sinks
 
 
-def test_sink_registry_can_be_extended(monkeypatch: pytest.MonkeyPatch) -> None:
-    def kafka(options: Any, key_path: str) -> dict[str, Any]:
+def test_sink_catalog_is_passed_down() -> None:
+    def kafka(options: Any, key_path: str) -> None:
         if "topic" not in options:
             raise ConfigError("missing required key 'topic'", key_path)
-        return dict(options)
 
-    monkeypatch.setitem(SINK_TYPES, "kafka", kafka)
-    cfg = loads("sinks:\n  - type: kafka\n    topic: streams\n")
+    catalog = SinkCatalog([*(SINKS.get(n) for n in SINKS.names()),  # type: ignore[misc]
+                           SinkType("kafka", check=kafka)])
+    cfg = loads("sinks:\n  - type: kafka\n    topic: streams\n", sink_types=catalog)
     assert cfg.sinks[0] == SinkConfig("kafka", None, {"topic": "streams"})
     with pytest.raises(ConfigError) as info:
-        loads("sinks:\n  - type: kafka\n")
+        loads("sinks:\n  - type: kafka\n", sink_types=catalog)
     assert (info.value.key_path, info.value.line) == ("sinks[0]", 2)
     with pytest.raises(ConfigError, match="known types: jsonl, pcap, couchdb, files, kafka"):
-        loads("sinks: [{type: nats}]")
-    assert "kafka" in dump(cfg)
-    assert loads(dump(cfg)) == cfg
+        loads("sinks: [{type: nats}]", sink_types=catalog)
+    assert "kafka" in dump(cfg, sink_types=catalog)
+    assert loads(dump(cfg), sink_types=catalog) == cfg
+
+
+def test_without_a_catalog_sink_options_stay_as_given() -> None:
+    cfg = config.loads("sinks: [{type: pcap, dir: /x, bogus: 1}]")
+    assert cfg.sinks[0].options == {"dir": "/x", "bogus": 1}
+    assert not cfg.reassembly.keep_packets  # only the pcap sink's declaration turns it on
+    with pytest.raises(ConfigError, match="unknown key 'bogus'"):
+        config.check_sinks(cfg, SINKS)
 
 
 # --------------------------------------------------------------------------- CouchDB URL
@@ -683,7 +717,9 @@ def test_sink_registry_can_be_extended(monkeypatch: pytest.MonkeyPatch) -> None:
     ("http://h/couch/streams", "other", ("/couch/streams", "other")),
 ])
 def test_couchdb_location(url: str, database: str | None, expected: tuple[str, str]) -> None:
-    assert config.schema.couchdb_location(url, database) == expected
+    from streamtap.sinks.couchdb import couchdb_location
+
+    assert couchdb_location(url, database) == expected
 
 
 def test_couchdb_database_named_by_the_url_is_validated() -> None:
@@ -744,8 +780,9 @@ def test_default_file_is_generated_from_the_schema() -> None:
     shipped = (files("streamtap.config") / "default.yaml").read_text(encoding="utf-8")
     assert shipped == dump(default(), comments=True), (
         "config/default.yaml is out of date: regenerate it with "
-        "python -c 'from streamtap import config; "
-        'open("config/default.yaml", "w").write(config.dump(config.default(), comments=True))\''
+        "python -c 'from streamtap import config; from streamtap.sinks.registry import sink_types; "
+        'open("config/default.yaml", "w").write(config.dump(config.default(), comments=True, '
+        'sink_types=sink_types()))\''
     )
 
 
@@ -831,9 +868,8 @@ def test_reference_table_has_every_key() -> None:
     for path in _leaf_paths(Config):
         assert path in keys, path
     assert {"sinks[].type", "sinks[].name"} <= keys
-    for type_name, validator in SINK_TYPES.items():
-        assert isinstance(validator, OptionsValidator)
-        for f in dataclasses.fields(validator.options_cls):
+    for type_name, options_class in _options_classes().items():
+        for f in dataclasses.fields(options_class):
             assert f"sinks[type={type_name}].{f.name}" in keys
     assert "| `reassembly.timeouts.established` | `10m` | duration |" in table
     assert "| `reassembly.limits.memory` | `1GiB` | size |" in table
@@ -850,6 +886,5 @@ def test_every_setting_has_help() -> None:
                 check(hints[f.name])
 
     check(Config)
-    for validator in SINK_TYPES.values():
-        assert isinstance(validator, OptionsValidator)
-        check(validator.options_cls)
+    for options_class in _options_classes().values():
+        check(options_class)

@@ -25,6 +25,7 @@ from streamtap.sinks.base import OK, RETRY
 from streamtap.sinks.files import FilesSink, address, direction_chunks, flow_name
 from streamtap.stream import Stream
 
+SINKS = registry.sink_types()
 T0 = 1700000000.0  # 2023-11-14T22:13:20Z
 C_NAME = "010.000.000.001.40000-010.000.000.002.00080"
 S_NAME = "010.000.000.002.00080-010.000.000.001.40000"
@@ -282,13 +283,13 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="unknown files sink option"):
         FilesSink("files", {"dir": "x", "bins": "k"})
     with pytest.raises(cfgmod.ConfigError, match="subdirs"):
-        cfgmod.loads("sinks: [{type: files, dir: /tmp/x, subdirs: weekly}]")
+        cfgmod.loads("sinks: [{type: files, dir: /tmp/x, subdirs: weekly}]", sink_types=SINKS)
     with pytest.raises(cfgmod.ConfigError, match="missing required key 'dir'"):
-        cfgmod.loads("sinks: [{type: files}]")
+        cfgmod.loads("sinks: [{type: files}]", sink_types=SINKS)
 
 
 def test_yaml_and_cli_forms(tmp_path):
-    cfg = cfgmod.loads(f"sinks: [{{type: files, dir: {tmp_path}, gaps: zero}}]")
+    cfg = cfgmod.loads(f"sinks: [{{type: files, dir: {tmp_path}, gaps: zero}}]", sink_types=SINKS)
     (sc,) = cfg.sinks
     assert sc.options == {"dir": str(tmp_path), "gaps": "zero", "subdirs": "none"}
     sink = registry.create(sc)
