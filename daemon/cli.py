@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .engine import engine
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", dest="verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", dest="quiet", action="store_true",
                    help="no progress bar, no summary")
-    p.add_argument("--version", action="version", version=f"streamtap {__version__}")
+    p.add_argument("--version", action="version",
+                   version=f"streamtap {__version__} (engine: {engine()})")
     p.add_argument("expression", nargs="*", help="BPF filter, as tcpdump takes it")
     return p
 
