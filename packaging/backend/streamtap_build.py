@@ -11,6 +11,8 @@ the import system prefers. An empty list builds a pure-Python package, as before
 
 from __future__ import annotations
 
+import os
+
 import setuptools
 from engine_modules import module_sources
 from setuptools.build_meta import *  # noqa: F403  (the PEP 517 hooks this backend re-exports)
@@ -18,7 +20,9 @@ from setuptools.build_meta import *  # noqa: F403  (the PEP 517 hooks this backe
 
 def extensions() -> list[setuptools.Extension]:
     sources = module_sources()
-    if not sources:
+    # STREAMTAP_COMPILE=0: a pure-Python build, for `make typecheck`'s throwaway install (mypy
+    # reads the .py files; compiling them there would only add the C compiler's time)
+    if not sources or os.environ.get("STREAMTAP_COMPILE", "1") == "0":
         return []
     from Cython.Build import cythonize  # a build requirement (pyproject), so only needed here
 
