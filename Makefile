@@ -29,7 +29,14 @@ apt:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The engine modules Cython compiles (COMPILED_MODULES in daemon/engine.py). `pip install -e .`
+# builds them once, and an edit to their .py source is not seen until the next install: so the
+# venv stamp depends on those sources too, and an edit reinstalls (and recompiles) on the next
+# `make test` / `make run`.
+BUILD_BACKEND := packaging/backend/streamtap_build.py packaging/backend/engine_modules.py
+ENGINE_SOURCES := $(shell python3 packaging/backend/engine_modules.py)
+
+$(VENV)/.installed: pyproject.toml daemon/engine.py $(BUILD_BACKEND) $(ENGINE_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -63,11 +70,12 @@ test: deps $(POUCHDB)
 	$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest -q
 
-# mypy does not follow package-dir, so it checks a throwaway non-editable install (DESIGN)
+# mypy does not follow package-dir, so it checks a throwaway non-editable install (DESIGN),
+# built without compiling the engine modules (mypy reads their .py)
 typecheck: venv
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	$(PY) -m pip install -q --no-deps --target "$$tmp/site" . >/dev/null && \
-	rm -rf build/lib build/bdist.* && \
+	STREAMTAP_COMPILE=0 $(PY) -m pip install -q --no-deps --target "$$tmp/site" . >/dev/null && \
+	rm -rf build/lib build/lib.* build/bdist.* build/temp.* && \
 	cd "$$tmp/site" && $(CURDIR)/$(VENV)/bin/mypy -p streamtap --ignore-missing-imports
 
 lint: venv
@@ -77,8 +85,13 @@ lint: venv
 readme: venv
 	$(PY) tests/readme_config.py --write
 
-bench: deps
+# dpkt: the reference reassembler bench/offline.py compares with (the `bench` extra)
+bench: deps $(VENV)/.bench
 	$(PY) bench/offline.py
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
 
 # the service: a venv in /opt/streamtap, the unit, the user, example configs (idempotent)
 install: apt
@@ -89,3 +102,4 @@ uninstall:
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+	rm -f $(foreach f,$(ENGINE_SOURCES),$(f:.py=).*.so)

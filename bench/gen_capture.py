@@ -1,20 +1,38 @@
 #!/usr/bin/env python3
 """Deterministic generator of a large, realistic TCP capture for benchmarks.
 
-    python bench/gen_capture.py OUT.pcap [--packets 150000] [--connections 1600] [--seed 1]
+    python bench/gen_capture.py OUT.pcap [--shape mixed] [--packets 150000] [--connections 1600]
+                                [--seed 1] [--truth FILE]
 
-Writes a classic pcap (Ethernet, microsecond timestamps) of many interleaved TCP connections,
-IPv4 and IPv6 (about 70/30), with 3-way handshakes, MTU-sized segments (1500-byte IP packets,
-TCP timestamp option on every segment), delayed ACKs (one per two segments), request/response,
-upload and chatty shapes, FIN close on most, RST on a few, refused connections, a few left open,
-~1 % of data segments swapped with the next one and ~1 % sent twice, ~0.5 % of acknowledged
-data segments captured just after the ACK that covers them (the two directions of a SPAN port or
-an aggregating tap reach the sensor by different paths), random ISNs (some just below 2**32 so
-the sequence numbers wrap). Checksums (IPv4 header, TCP) are correct.
+Shapes (`--shape`; `--packets`/`--connections` apply to `mixed` only):
+
+- `mixed` (the default, described below): many interleaved realistic connections.
+- `short`: 50,000 short connections of 9 packets each (handshake, one request, one response,
+  an ACK, a 3-way FIN close), 50 open at any time, IPv4 (450,000 packets).
+- `synflood`: 500,000 unanswered SYNs from distinct sources (100.64.0.0/10, random ports) to
+  one server, with 200 real connections (handshake, a request, a 4-40 KB response, FIN close)
+  spread through the flood.
+- `bulk`: one connection carrying 200,000,000 bytes from the server (138,122 full segments, a
+  delayed ACK per two: ~207,000 packets).
+
+The three extra shapes are written by a fast path (per-direction header templates patched with
+struct.pack_into, checksums from the mod-0xFFFF identity) straight in timestamp order.
+
+`mixed` writes a classic pcap (Ethernet, microsecond timestamps) of many interleaved TCP
+connections, IPv4 and IPv6 (about 70/30), with 3-way handshakes, MTU-sized segments (1500-byte
+IP packets, TCP timestamp option on every segment), delayed ACKs (one per two segments),
+request/response, upload and chatty shapes, FIN close on most, RST on a few, refused
+connections, a few left open, ~1 % of data segments swapped with the next one and ~1 % sent
+twice, ~0.5 % of acknowledged data segments captured just after the ACK that covers them (the
+two directions of a SPAN port or an aggregating tap reach the sensor by different paths), random
+ISNs (some just below 2**32 so the sequence numbers wrap). Checksums (IPv4 header, TCP) are
+correct.
 
 `--truth FILE` also writes what every connection really carried, one JSON object per line
 (client, server as [ip, port]; client_len, client_sha256, server_len, server_sha256), so a
-reassembler's output can be checked byte-exact (bench/offline.py does).
+reassembler's output can be checked byte-exact (bench/offline.py does). A shape with
+payload-less flows that are not worth a line each (the SYN flood) ends with one line
+{"empty_flows": N}: that many further streams, each with no bytes either way.
 
 Stdlib only; the same seed gives the same bytes. Payloads are slices of a 1 MiB random block.
 """
@@ -415,6 +433,279 @@ class Generator:
         return best
 
 
+# -- the fast shapes: short, synflood, bulk --------------------------------------------------------
+_HDR_LEN = 14 + 20 + 32  # Ethernet, IPv4, TCP with NOP NOP TS
+_IP_LEN_ID = struct.Struct("!HH")  # IPv4 total length, identification (offset 16 in the frame)
+_TCP_SEQ = struct.Struct("!IIH")  # seq, ack, data offset + flags (offset 38)
+_TS_VALS = struct.Struct("!II")  # TSval, TSecr (offset 58)
+
+
+class _FastConn:
+    """One IPv4 connection with precomputed frames: a 66-byte template per direction, patched
+    in place for each packet. Tracks the bytes each side sent (the truth)."""
+
+    __slots__ = ("c", "s", "isn", "nxt", "data", "sha", "tmpl", "pseudo", "ip_id", "ts_base")
+
+    def __init__(self, c: tuple[bytes, int], s: tuple[bytes, int], isn_c: int, isn_s: int,
+                 ts_base: int = 0) -> None:
+        self.c, self.s = c, s
+        self.isn = (isn_c, isn_s)
+        self.nxt = [0, 0]  # sequence space used (payload, SYN, FIN), per side (0 client, 1 server)
+        self.data = [0, 0]  # payload bytes sent, per side
+        self.sha = [hashlib.sha256(), hashlib.sha256()]
+        self.ip_id = [0, 0]
+        self.ts_base = ts_base
+        mac_c, mac_s = b"\x02\x00" + c[0], b"\x02\x00\x5e\x00\x00\x01"
+        self.tmpl = []
+        self.pseudo = []
+        for (sip, sport, smac), (dip, dport, dmac), ttl in (
+            ((c[0], c[1], mac_c), (s[0], s[1], mac_s), 64),
+            ((s[0], s[1], mac_s), (c[0], c[1], mac_c), 57),
+        ):
+            t = bytearray(_HDR_LEN)
+            _ETH.pack_into(t, 0, dmac, smac, 0x0800)
+            _IP4.pack_into(t, 14, 0x45, 0, 0, 0, 0x4000, ttl, 6, 0, sip, dip)
+            _TCP.pack_into(t, 34, sport, dport, 0, 0, 0, 64240, 0, 0)
+            _TSOPT.pack_into(t, 54, 1, 1, 8, 10, 0, 0)
+            self.tmpl.append(bytes(t))
+            # the pseudo header's constant part (addresses, protocol), mod 0xFFFF
+            self.pseudo.append((int.from_bytes(sip + dip, "big") + 6) % 0xFFFF)
+
+    def frame(self, t: int, side: int, flags: int, payload: bytes = b"") -> bytearray:
+        """The next packet from `side` (0 client, 1 server) at time t (µs): seq is what that
+        side has sent so far, ack what the peer has (when ACK is set)."""
+        peer = 1 - side
+        seq = (self.isn[side] + self.nxt[side]) & M32
+        ack = (self.isn[peer] + self.nxt[peer]) & M32 if flags & ACK else 0
+        f = bytearray(self.tmpl[side])
+        n = len(payload)
+        if n:
+            f += payload
+        self.ip_id[side] = ip_id = (self.ip_id[side] + 1) & 0xFFFF
+        _IP_LEN_ID.pack_into(f, 16, 20 + 32 + n, ip_id)
+        ip_sum = int.from_bytes(f[14:34], "big") % 0xFFFF
+        _CSUM.pack_into(f, 24, 0xFFFF - ip_sum if ip_sum else 0)
+        _TCP_SEQ.pack_into(f, 38, seq, ack, (8 << 12) | flags)
+        tsval = (self.ts_base + t // 1000) & M32
+        _TS_VALS.pack_into(f, 58, tsval, tsval - 1 & M32 if flags & ACK else 0)
+        # one's-complement sum = the number mod 0xFFFF; an odd length is padded with a zero
+        body = int.from_bytes(f[34:], "big")
+        if n & 1:
+            body <<= 8
+        tcp_sum = (self.pseudo[side] + 32 + n + body) % 0xFFFF
+        _CSUM.pack_into(f, 50, 0xFFFF - tcp_sum if tcp_sum else 0)
+        if n:
+            self.sha[side].update(payload)
+            self.data[side] += n
+        self.nxt[side] += n + (1 if flags & (SYN | FIN) else 0)
+        return f
+
+    def truth(self) -> dict:
+        return {
+            "client": [socket.inet_ntoa(self.c[0]), self.c[1]],
+            "server": [socket.inet_ntoa(self.s[0]), self.s[1]],
+            "client_len": self.data[0], "client_sha256": self.sha[0].hexdigest(),
+            "server_len": self.data[1], "server_sha256": self.sha[1].hexdigest(),
+        }
+
+
+class _FastWriter:
+    """Writes (time µs, frame) in order to a classic pcap, buffering the joins."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "wb")  # noqa: SIM115  (closed by close())
+        self.f.write(_PCAP_HDR)
+        self.buf: list[bytes | bytearray] = []
+        self.packets = 0
+        self.size = len(_PCAP_HDR)
+        self.first = self.last = -1
+
+    def add(self, t: int, frame: bytes | bytearray) -> None:
+        n = len(frame)
+        self.buf.append(_REC.pack(EPOCH + t // 1_000_000, t % 1_000_000, n, n))
+        self.buf.append(frame)
+        self.packets += 1
+        self.size += 16 + n
+        if self.first < 0:
+            self.first = t
+        self.last = t
+        if len(self.buf) >= 16384:
+            self.f.write(b"".join(self.buf))
+            self.buf.clear()
+
+    def close(self) -> None:
+        self.f.write(b"".join(self.buf))
+        self.buf.clear()
+        self.f.close()
+
+
+def _ip4(base: tuple[int, int], i: int) -> bytes:
+    """The i-th address of a /16 (or wider, carrying into the second octet)."""
+    return bytes((base[0], base[1] + (i >> 16), (i >> 8) & 255, i & 255))
+
+
+def _conn_packets(conn: _FastConn, t: int, req: bytes, resp: bytes, mss: int,
+                  gap: int) -> list[tuple[int, bytearray]]:
+    """Handshake, a request, a response in MSS segments (a delayed ACK per two), FIN close."""
+    out = [(t, conn.frame(t, 0, SYN))]
+    t += gap
+    out.append((t, conn.frame(t, 1, SYN | ACK)))
+    t += gap
+    out.append((t, conn.frame(t, 0, ACK)))
+    t += gap
+    out.append((t, conn.frame(t, 0, PSH | ACK, req)))
+    view = memoryview(resp)
+    for k, off in enumerate(range(0, len(resp), mss)):
+        t += gap
+        out.append((t, conn.frame(t, 1, ACK, bytes(view[off : off + mss]))))
+        if k & 1:
+            t += gap
+            out.append((t, conn.frame(t, 0, ACK)))
+    for side in (0, 1):
+        t += gap
+        out.append((t, conn.frame(t, side, FIN | ACK)))
+    t += gap
+    out.append((t, conn.frame(t, 0, ACK)))
+    return out
+
+
+def generate_short(w: _FastWriter, rng: random.Random, block: bytes) -> list[dict]:
+    """50,000 connections of 9 packets, 50 open at a time: 50 lanes take turns, one packet each;
+    a lane starts its next connection when its current one has sent its 9 packets."""
+    lanes, total, per_lane = 50, 50_000, 1000
+    truth = []
+    t = 0
+    server = [_ip4((192, 0), 2 * 256 + 1 + k % 10) for k in range(lanes)]
+    plans: list[list[tuple[int, bytes]]] = [[] for _ in range(lanes)]
+    done = [0] * lanes
+    conns: list[_FastConn | None] = [None] * lanes
+    while any(d < per_lane for d in done) or any(plans):
+        for lane in range(lanes):
+            if not plans[lane]:
+                if conns[lane] is not None:
+                    truth.append(conns[lane].truth())  # type: ignore[union-attr]
+                    conns[lane] = None
+                if done[lane] == per_lane:
+                    continue
+                n = done[lane]
+                done[lane] += 1
+                c = _FastConn((_ip4((10, 1), lane * 256 + 1), 10_000 + n),
+                              (server[lane], 80), rng.getrandbits(32), rng.getrandbits(32),
+                              rng.getrandbits(32))
+                conns[lane] = c
+                req = b"GET /item/%d HTTP/1.1\r\nHost: short.example\r\n\r\n" % (lane * 1000 + n)
+                off = rng.randrange(len(block) - 1400)
+                body = block[off : off + rng.randint(100, 1300)]
+                plans[lane] = [(0, SYN), (1, SYN | ACK), (0, ACK), (0, PSH | ACK, req),
+                               (1, PSH | ACK, body), (0, ACK), (0, FIN | ACK), (1, FIN | ACK),
+                               (0, ACK)][::-1]  # type: ignore[list-item]
+            step = plans[lane].pop()
+            t += rng.randint(5, 35)
+            w.add(t, conns[lane].frame(t, *step))  # type: ignore[union-attr, arg-type]
+    truth += [c.truth() for c in conns if c is not None]
+    assert len(truth) == total
+    return truth
+
+
+def generate_synflood(w: _FastWriter, rng: random.Random, block: bytes) -> tuple[list[dict], int]:
+    """500,000 SYNs from distinct sources to one server, none answered, 10 µs apart; 200 real
+    connections to the same server start at random times through them."""
+    syns, real = 500_000, 200
+    victim = (_ip4((192, 0), 2 * 256 + 80), 80)
+    span = syns * 10
+    reals: list[tuple[int, int, bytearray]] = []
+    truth = []
+    for k in range(real):
+        c = _FastConn((_ip4((10, 2), k + 1), 40_000 + k), victim, rng.getrandbits(32),
+                      rng.getrandbits(32), rng.getrandbits(32))
+        off = rng.randrange(len(block) - 41_000)
+        resp = block[off : off + rng.randint(4_000, 40_000)]
+        req = b"GET /real/%d HTTP/1.1\r\nHost: victim.example\r\n\r\n" % k
+        for t, f in _conn_packets(c, rng.randrange(span - 100_000), req, resp, PAYLOAD4,
+                                  rng.randint(50, 500)):
+            reals.append((t, len(reals), f))
+        truth.append(c.truth())
+    reals.sort()
+    ri = 0
+    # one flood SYN's frame: the template of a throwaway connection, patched per source
+    for i in range(syns):
+        t = i * 10
+        while ri < len(reals) and reals[ri][0] <= t:
+            w.add(reals[ri][0], reals[ri][2])
+            ri += 1
+        src = bytes((100, 64 + (i >> 16), (i >> 8) & 255, i & 255))
+        w.add(t, _FastConn((src, rng.randint(1024, 65535)), victim, rng.getrandbits(32), 0,
+                           rng.getrandbits(32)).frame(t, 0, SYN))
+    for t, _, f in reals[ri:]:
+        w.add(t, f)
+    return truth, syns
+
+
+def generate_bulk(w: _FastWriter, rng: random.Random, block: bytes) -> list[dict]:
+    """One connection: a request, then 200,000,000 bytes from the server in full segments, a
+    delayed ACK per two, ~1.2 Gb/s (10 µs per segment), FIN close."""
+    total = 200_000_000
+    c = _FastConn((_ip4((10, 3), 1), 51_000), (_ip4((198, 51), 100 * 256 + 7), 443),
+                  rng.getrandbits(32), (1 << 32) - 100_000, rng.getrandbits(32))  # seq wraps
+    req = b"GET /big.iso HTTP/1.1\r\nHost: bulk.example\r\n\r\n"
+    t = 0
+    for step in ((0, SYN), (1, SYN | ACK), (0, ACK), (0, PSH | ACK, req)):
+        t += 200
+        w.add(t, c.frame(t, *step))  # type: ignore[arg-type]
+    size = len(block)
+    off = 0
+    sent = 0
+    k = 0
+    while sent < total:
+        n = min(PAYLOAD4, total - sent)
+        if off + n > size:
+            off = rng.randrange(size // 2)
+        t += 10
+        w.add(t, c.frame(t, 1, ACK, block[off : off + n]))
+        off += n
+        sent += n
+        k += 1
+        if k & 1 or sent == total:
+            w.add(t + 5, c.frame(t + 5, 0, ACK))
+    for side in (1, 0):
+        t += 200
+        w.add(t, c.frame(t, side, FIN | ACK))
+    t += 200
+    w.add(t, c.frame(t, 1, ACK))
+    return [c.truth()]
+
+
+FAST_SHAPES = {"short": generate_short, "synflood": generate_synflood, "bulk": generate_bulk}
+SHAPES = ("mixed", *FAST_SHAPES)
+
+
+def generate_fast(shape: str, path: str, seed: int = 1, truth_path: str | None = None) -> dict:
+    """Write one of the fast shapes (and its truth); returns its figures like generate()."""
+    t0 = time.perf_counter()
+    rng = random.Random(seed)
+    block = rng.randbytes(BLOCK_SIZE)
+    w = _FastWriter(path)
+    try:
+        res = FAST_SHAPES[shape](w, rng, block)
+    finally:
+        w.close()
+    truth, empty = res if isinstance(res, tuple) else (res, 0)
+    if truth_path:
+        with open(truth_path, "w", encoding="utf-8") as f:
+            for rec in truth:
+                f.write(json.dumps(rec) + "\n")
+            if empty:
+                f.write(json.dumps({"empty_flows": empty}) + "\n")
+    return {
+        "path": path, "shape": shape, "packets": w.packets,
+        "connections": len(truth) + empty, "ipv4_connections": len(truth) + empty,
+        "ipv6_connections": 0,
+        "max_concurrent": {"short": 50, "bulk": 1}.get(shape, len(truth) + empty),
+        "bytes": w.size, "duration_s": round((w.last - w.first) / 1e6, 3), "seed": seed,
+        "late_segments": 0, "generation_s": round(time.perf_counter() - t0, 3),
+    }
+
+
 def truth(gen: Generator) -> list[dict]:
     """What each connection carried, both directions: lengths and SHA-256 of the bytes."""
     out = []
@@ -431,8 +722,10 @@ def truth(gen: Generator) -> list[dict]:
 
 
 def generate(path: str, packets: int = 150_000, connections: int = 1600, seed: int = 1,
-             truth_path: str | None = None) -> dict:
+             truth_path: str | None = None, shape: str = "mixed") -> dict:
     """Write the capture to `path` (and the truth to `truth_path`); returns its figures."""
+    if shape != "mixed":
+        return generate_fast(shape, path, seed, truth_path)
     t0 = time.perf_counter()
     gen = Generator(seed)
     gen.generate(packets, connections)
@@ -444,6 +737,7 @@ def generate(path: str, packets: int = 150_000, connections: int = 1600, seed: i
     v6 = sum(1 for c in gen.conns if c.v6)
     return {
         "path": path,
+        "shape": "mixed",
         "packets": len(gen.events),
         "connections": len(gen.conns),
         "ipv4_connections": len(gen.conns) - v6,
@@ -460,16 +754,19 @@ def generate(path: str, packets: int = 150_000, connections: int = 1600, seed: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output pcap path")
+    ap.add_argument("--shape", choices=SHAPES, default="mixed",
+                    help="what the capture holds (mixed; see the module docstring)")
     ap.add_argument("--packets", type=int, default=150_000, help="minimum packets (150000)")
     ap.add_argument("--connections", type=int, default=1600, help="minimum connections (1600)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--truth", metavar="FILE",
                     help="also write every connection's true bytes (lengths, SHA-256) as JSONL")
     args = ap.parse_args(argv)
-    info = generate(args.out, args.packets, args.connections, args.seed, args.truth)
+    info = generate(args.out, args.packets, args.connections, args.seed, args.truth,
+                    args.shape)
     print(
-        f"{info['path']}: {info['packets']} packets, {info['connections']} connections "
-        f"({info['ipv4_connections']} IPv4, {info['ipv6_connections']} IPv6, "
+        f"{info['path']}: {info['shape']}, {info['packets']} packets, {info['connections']} "
+        f"connections ({info['ipv4_connections']} IPv4, {info['ipv6_connections']} IPv6, "
         f"max {info['max_concurrent']} open at once), {info['bytes'] / 2**20:.1f} MiB, "
         f"{info['duration_s']} s of traffic, {info['late_segments']} segments captured after "
         f"their ACK, generated in {info['generation_s']} s"

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Offline throughput benchmark: tcpflow vs the streamtap library vs the streamtap CLI.
+"""Offline throughput benchmark: tcpflow (and a dpkt reassembler) vs the streamtap library and CLI.
 
-    python bench/offline.py [--pcap FILE] [--repeat 3] [--json]
+    python bench/offline.py [--capture mixed|short|synflood|bulk|all] [--pcap FILE] [--repeat 3]
+                            [--json]
 
-Without --pcap, a capture is generated into /dev/shm with bench/gen_capture.py (150,000 packets,
-1,600 connections, seed 1). Each tool runs --repeat times, interleaved, as a child process; the
-table gives the best wall time, and the peak RSS of the child (os.wait4's ru_maxrss). All outputs
-go to tmpfs (/dev/shm), so the ratio measures reassembly, not disks. See bench/README.md.
+Without --pcap, a capture is generated into /dev/shm with bench/gen_capture.py: `--capture`
+names its shape (default `mixed`: 150,000 packets, 1,600 connections, seed 1; `short`: 50,000
+9-packet connections, 50 open at a time; `synflood`: 500,000 unanswered SYNs with 200 real
+connections; `bulk`: one 200 MB connection; `all`: each in turn, one table per capture). Each
+tool runs --repeat times, interleaved, as a child process; the table gives the best wall time,
+and the peak RSS of the child (os.wait4's ru_maxrss). All outputs go to tmpfs (/dev/shm), so the
+ratio measures reassembly, not disks. See bench/README.md.
 
 Speed is nothing without the right bytes: the generator also writes its truth (what every
 connection really carried), and every stream the library reassembles is checked byte-exact
@@ -147,6 +151,20 @@ def bench_tcpflow(pcap: str) -> Run:
         shutil.rmtree(outdir, ignore_errors=True)
 
 
+def bench_dpkt(pcap: str) -> Run:
+    outdir = tempfile.mkdtemp(prefix="streamtap-bench-dpkt-", dir=TMPFS)
+    try:
+        cmd = [sys.executable, str(HERE / "dpkt_reassembler.py"), pcap, outdir]
+        wall, rss, rc, out, err, user, system = run_child(cmd)
+        if rc != 0:
+            if "No module named 'dpkt'" in err:
+                raise ToolError("dpkt not installed (make bench, or pip install -e '.[bench]')")
+            raise ToolError(_error(rc, err))
+        return Run(wall, rss, len(os.listdir(outdir)), user, system)
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
 def bench_library(pcap: str) -> Run:
     wall, rss, rc, out, err, user, system = run_child([sys.executable, "-c", LIB_CHILD, pcap])
     if rc != 0:
@@ -250,7 +268,8 @@ def machine_figures() -> dict:
 
 
 def _streamtap_version() -> str:
-    code = "import streamtap; print(streamtap.__version__)"
+    code = ("import streamtap, streamtap.engine as e; "
+            "print(f'{streamtap.__version__} (engine: {e.engine()})')")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     except OSError:
@@ -262,40 +281,59 @@ def _streamtap_version() -> str:
 def verify(pcap: str, truth_path: str) -> dict:
     """Reassemble `pcap` with the library (in this process, untimed) and compare every stream
     with the generator's truth: a connection is exact when it came out as one stream, client and
-    server as generated, both directions byte for byte."""
+    server as generated, both directions byte for byte. A truth line {"empty_flows": N} allows N
+    further streams with no bytes either way (the SYN flood's), and requires exactly that many.
+    Streams are checked as they come, so memory stays that of the reassembly."""
     import streamtap
 
     truth: dict[tuple, dict] = {}
+    empty_expected = 0
     with open(truth_path, encoding="utf-8") as f:
         for line in f:
             rec = json.loads(line)
+            if "empty_flows" in rec:
+                empty_expected += rec["empty_flows"]
+                continue
             truth[(tuple(rec["client"]), tuple(rec["server"]))] = rec
-    got: dict[tuple, list] = {}
+    seen: dict[tuple, int] = {}
+    exact, empty, wrong = 0, 0, []
     for st in streamtap.reassemble(pcap):
-        got.setdefault((st.client, st.server), []).append(st)
-    exact, wrong = 0, []
-    for key, rec in truth.items():
-        streams = got.pop(key, [])
-        if len(streams) != 1:
-            wrong.append(f"{key}: {len(streams)} streams")
+        key = (st.client, st.server)
+        rec = truth.get(key)
+        if rec is None:
+            if not st.client_data and not st.server_data:
+                empty += 1
+            else:
+                wrong.append(f"{key}: not in the truth")
             continue
-        st = streams[0]
+        seen[key] = seen.get(key, 0) + 1
         bad = [side for side, data in (("client", st.client_data), ("server", st.server_data))
-               if hashlib.sha256(data).hexdigest() != rec[f"{side}_sha256"]]
+               if len(data) != rec[f"{side}_len"]
+               or hashlib.sha256(data).hexdigest() != rec[f"{side}_sha256"]]
         if bad:
             wrong.append(f"{key}: {'/'.join(bad)} bytes differ "
                          f"({len(st.client_data)}/{len(st.server_data)} vs "
                          f"{rec['client_len']}/{rec['server_len']}, gaps {st.gaps[:3]})")
-        else:
+        elif seen[key] == 1:
             exact += 1
-    wrong += [f"{key}: not in the truth ({len(v)} streams)" for key, v in got.items()]
-    return {"exact": exact, "connections": len(truth), "wrong": wrong}
+    for key in truth:
+        n = seen.get(key, 0)
+        if n != 1:
+            wrong.append(f"{key}: {n} streams")
+            if n > 1:
+                exact -= 1
+    if empty != empty_expected:
+        wrong.append(f"{empty} payload-less streams outside the truth, expected {empty_expected}")
+    return {"exact": exact, "connections": len(truth), "empty": empty,
+            "empty_expected": empty_expected, "wrong": wrong}
 
 
 # -- main --------------------------------------------------------------------------------------
 def benchmark(pcap: str, packets: int | None, repeat: int, tools: list[str]) -> list[Result]:
     benches: dict[str, tuple[Callable[[str], Run], str, str]] = {
         "tcpflow": (bench_tcpflow, f"tcpflow -r {pcap} -o {TMPFS}/<tmpdir>", "files"),
+        "dpkt reassembler": (
+            bench_dpkt, f"python bench/dpkt_reassembler.py {pcap} {TMPFS}/<tmpdir>", "files"),
         "streamtap library": (
             bench_library,
             "python -c 'sum(1 for s in streamtap.reassemble(FILE))'",
@@ -349,18 +387,21 @@ def benchmark(pcap: str, packets: int | None, repeat: int, tools: list[str]) -> 
     return list(results.values())
 
 
-def format_report(machine: dict, capture: dict, results: list[Result], repeat: int) -> str:
+def format_report(machine: dict, capture: dict, results: list[Result], repeat: int,
+                  header: bool = True) -> str:
     lines = [
         f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['usable_cores']} usable), "
         f"Linux {machine['kernel']}",
         f"software: Python {machine['python']}, {machine['tcpflow']}, "
         f"streamtap {machine['streamtap']}; outputs on tmpfs {machine['tmpfs']}; {machine['date']}",
-    ]
+    ] if header else []
     cap = f"capture: {capture['path']}: {capture.get('packets', '?'):,} packets"
     if capture.get("connections") is not None:
         cap += (f", {capture['connections']:,} connections ({capture.get('ipv4_connections')} "
                 f"IPv4, {capture.get('ipv6_connections')} IPv6)")
     cap += f", {capture['bytes'] / 2**20:.1f} MiB"
+    if capture.get("shape"):
+        cap = f"{capture['shape']} " + cap
     if "seed" in capture:
         cap += f" (generated, seed {capture['seed']}, in {capture['generation_s']} s)"
     runs = f"{repeat} run{'s' if repeat > 1 else ''}"
@@ -396,36 +437,14 @@ def format_report(machine: dict, capture: dict, results: list[Result], repeat: i
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    global TIMEOUT
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pcap", help="capture to use (default: generate one into /dev/shm)")
-    ap.add_argument("--truth", metavar="FILE",
-                    help="with --pcap: the generator's --truth file, to check every stream")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per tool; the best counts (3)")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--packets", type=int, default=150_000, help="generated capture: packets")
-    ap.add_argument("--connections", type=int, default=1600,
-                    help="generated capture: connections")
-    ap.add_argument("--seed", type=int, default=1, help="generated capture: seed")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per run (600)")
-    ap.add_argument("--keep", action="store_true", help="keep the generated capture")
-    ap.add_argument("--tools", default="tcpflow,library,cli",
-                    help="comma-separated subset of tcpflow,library,cli")
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
-    TIMEOUT = max(1, args.timeout)
-    names = {"tcpflow": "tcpflow", "library": "streamtap library", "cli": "streamtap CLI"}
-    try:
-        tools = [names[t.strip()] for t in args.tools.split(",") if t.strip()]
-    except KeyError as e:
-        ap.error(f"--tools: unknown tool {e}")
+SHAPES = ("mixed", "short", "synflood", "bulk")  # bench/gen_capture.py's
+PEERS = ("tcpflow", "dpkt reassembler")
 
+
+def run_capture(args: argparse.Namespace, shape: str | None, tools: list[str]) -> tuple[dict, int]:
+    """Generate (unless --pcap), benchmark and verify one capture; returns (document, status)."""
     generated = None
     truth = args.truth
-    if truth and not args.pcap:
-        ap.error("--truth goes with --pcap (a generated capture brings its own)")
     if args.pcap:
         pcap = args.pcap
         capture = capture_figures(pcap)
@@ -433,38 +452,102 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(HERE))
         import gen_capture
 
-        fd, pcap = tempfile.mkstemp(prefix="streamtap-bench-", suffix=".pcap", dir=TMPFS)
+        fd, pcap = tempfile.mkstemp(prefix=f"streamtap-bench-{shape}-", suffix=".pcap",
+                                    dir=TMPFS)
         os.close(fd)
         generated = pcap
         truth = pcap[: -len(".pcap")] + ".truth.jsonl"
-        print(f"generating {pcap} ...", file=sys.stderr)
-        capture = gen_capture.generate(pcap, args.packets, args.connections, args.seed, truth)
+        print(f"generating {shape} capture {pcap} ...", file=sys.stderr)
+        capture = gen_capture.generate(pcap, args.packets, args.connections, args.seed, truth,
+                                       shape=shape or "mixed")
     check = None
     try:
-        machine = machine_figures()
         results = benchmark(pcap, capture.get("packets"), args.repeat, tools)
         if truth:
+            print("checking every stream against the truth ...", file=sys.stderr)
             check = verify(pcap, truth)
     finally:
         if generated and not args.keep:
             os.unlink(generated)
             if truth:
                 os.unlink(truth)
-    if args.json:
-        doc = {"machine": machine, "capture": capture, "repeat": args.repeat,
-               "results": [asdict(r) for r in results], "correctness": check}
-        print(json.dumps(doc, indent=2))
-    else:
-        print(format_report(machine, capture, results, args.repeat))
-        if check is not None:
-            print(f"correctness: {check['exact']}/{check['connections']} streams byte-exact "
-                  "against the generator's truth")
+    status = 0
     if check is not None:
         for line in check["wrong"][:20]:
             print(f"  not exact: {line}", file=sys.stderr)
         if check["exact"] != check["connections"] or check["wrong"]:
-            return 1
-    return 0
+            status = 1
+    return {"capture": capture, "repeat": args.repeat, "results": [asdict(r) for r in results],
+            "correctness": check, "_results": results}, status
+
+
+def correctness_line(check: dict) -> str:
+    line = (f"correctness: {check['exact']}/{check['connections']} streams byte-exact against "
+            "the generator's truth")
+    if check["empty_expected"] or check["empty"]:
+        line += (f"; {check['empty']:,}/{check['empty_expected']:,} unanswered SYNs as "
+                 "payload-less streams")
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    global TIMEOUT
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--capture", default="mixed", choices=(*SHAPES, "all"),
+                    help="generated capture's shape, or all of them in turn (mixed)")
+    ap.add_argument("--pcap", help="capture to use (default: generate one into /dev/shm)")
+    ap.add_argument("--truth", metavar="FILE",
+                    help="with --pcap: the generator's --truth file, to check every stream")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool; the best counts (3)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--packets", type=int, default=150_000,
+                    help="generated mixed capture: packets")
+    ap.add_argument("--connections", type=int, default=1600,
+                    help="generated mixed capture: connections")
+    ap.add_argument("--seed", type=int, default=1, help="generated capture: seed")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per run (600)")
+    ap.add_argument("--keep", action="store_true", help="keep the generated capture")
+    ap.add_argument("--tools", default="tcpflow,dpkt,library,cli",
+                    help="comma-separated subset of tcpflow,dpkt,library,cli (the dpkt "
+                         "reassembler runs on the first capture only)")
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    TIMEOUT = max(1, args.timeout)
+    names = {"tcpflow": "tcpflow", "dpkt": "dpkt reassembler", "library": "streamtap library",
+             "cli": "streamtap CLI"}
+    try:
+        tools = [names[t.strip()] for t in args.tools.split(",") if t.strip()]
+    except KeyError as e:
+        ap.error(f"--tools: unknown tool {e}")
+    if args.truth and not args.pcap:
+        ap.error("--truth goes with --pcap (a generated capture brings its own)")
+    shapes: list[str | None] = [None] if args.pcap else (
+        list(SHAPES) if args.capture == "all" else [args.capture])
+
+    machine = machine_figures()
+    docs, status = [], 0
+    for i, shape in enumerate(shapes):
+        # the dpkt peer is for the first capture: pure Python, it takes minutes on the others
+        use = [t for t in tools if t != "dpkt reassembler" or i == 0]
+        doc, st = run_capture(args, shape, use)
+        status = max(status, st)
+        docs.append(doc)
+        if not args.json:
+            if i:
+                print()
+            print(format_report(machine, doc["capture"], doc.pop("_results"), args.repeat,
+                                header=i == 0))
+            if doc["correctness"] is not None:
+                print(correctness_line(doc["correctness"]))
+            sys.stdout.flush()
+        else:
+            doc.pop("_results")
+    if args.json:
+        out = {"machine": machine, "captures": docs} if len(docs) > 1 else {
+            "machine": machine, **docs[0]}
+        print(json.dumps(out, indent=2))
+    return status
 
 
 if __name__ == "__main__":

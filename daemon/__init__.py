@@ -10,12 +10,45 @@ is a :class:`streamtap.Error`.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
+from .engine import COMPILED_MODULES, forced_python
 from .errors import Error
 
 __version__ = "0.1.0"
 __all__ = ["Error", "Reassembler", "Stream", "get_streams", "reassemble", "__version__"]
+
+
+class _SourceEngineFinder(importlib.abc.MetaPathFinder):
+    """STREAMTAP_ENGINE=python: load the compiled modules from their .py source.
+
+    The import system prefers an extension module (.so) over a .py of the same name in the same
+    directory; this finder runs first and answers only for the listed modules, so the rest of
+    the package imports as usual.
+    """
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED_MODULES or not path:
+            return None
+        leaf = fullname.rpartition(".")[2]
+        for entry in path:
+            src = os.path.join(entry, leaf + ".py")
+            if os.path.isfile(src):
+                return importlib.util.spec_from_file_location(fullname, src)
+        return None
+
+
+if forced_python() and not any(isinstance(f, _SourceEngineFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _SourceEngineFinder())
 
 
 def __getattr__(name: str) -> Any:

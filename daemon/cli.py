@@ -20,6 +20,7 @@ from streamtap.sinks.base import OK, Sink, SinkError, describe_error
 from streamtap.sinks.registry import build_sinks, parse_sink_spec, sink_types
 
 from . import __version__
+from .engine import engine
 from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
 
 
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", dest="verbose", action="count", default=0, help="more log output")
     p.add_argument("-q", dest="quiet", action="store_true",
                    help="no progress bar, no summary")
-    p.add_argument("--version", action="version", version=f"streamtap {__version__}")
+    p.add_argument("--version", action="version",
+                   version=f"streamtap {__version__} (engine: {engine()})")
     p.add_argument("expression", nargs="*", help="BPF filter, as tcpdump takes it")
     return p
 

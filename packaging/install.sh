@@ -101,7 +101,11 @@ else
     cp -a "$repo/pyproject.toml" "$repo/README.md" "$repo/daemon" "$repo/sinks" "$repo/config" \
         "$src/"
     [ -f "$repo/LICENSE" ] && cp -a "$repo/LICENSE" "$src/"
+    # the build backend that compiles the engine modules (pyproject's backend-path)
+    mkdir -p "$src/packaging" && cp -a "$repo/packaging/backend" "$src/packaging/"
     find "$src" -name __pycache__ -prune -exec rm -rf {} +
+    # a development tree's Cython output (.c, .so): the install compiles its own
+    find "$src/daemon" "$src/sinks" "$src/config" \( -name '*.c' -o -name '*.so' \) -delete
     "$PREFIX/bin/python" -m pip install -q --disable-pip-version-check "$src" \
         || die "pip install failed (systemd-python builds from source: needs gcc, pkg-config, \
 python3-dev, libsystemd-dev)"

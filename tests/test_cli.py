@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -477,7 +478,9 @@ def test_missing_config_file_exits_2(tmp_path: Path):
 def test_version():
     proc = run("--version")
     assert proc.returncode == 0
-    assert proc.stdout.decode().strip() == f"streamtap {__version__}"
+    # the engine is compiled or python (tests/test_engines.py checks which)
+    assert re.fullmatch(rf"streamtap {re.escape(__version__)} \(engine: (compiled|python)\)",
+                        proc.stdout.decode().strip())
 
 
 @pytest.mark.parametrize("spec", ["bogus:x", "jsonl", "jsonl:", "nocolon"])

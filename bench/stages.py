@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Where the time goes: a per-stage profile of the offline pipeline on one capture.
+
+    python bench/stages.py [--pcap FILE | --capture mixed|short|synflood|bulk] [--repeat 3]
+
+Per packet (µs): read (the reader alone), decode (reader + decoder), flow lookup (+ building the
+4-tuple key and one dict lookup per packet, what the flow table does first), reassembly (the
+whole flow table, minus lookup, minus flow set-up and close). Per flow (µs): set-up (opening a
+flow), close (closing it and building its Stream), record (`to_record`), encode (`to_json`
+minus `to_record`), write (the JSON Lines sink's `write()` to tmpfs minus `to_json`).
+
+The packet stages run cumulatively, each the best of --repeat runs, and each stage is the
+difference from the previous one (record and encode: the best of 3 x --repeat). Set-up and close
+happen inside the flow table's loop, so they come from one cProfile run: their share of the flow
+table's profiled time (cumulative time of `FlowTable._new_flow`, `FlowTable._close`), applied to
+its unprofiled time. Then the top 25 functions by cProfile tottime over the whole pipeline (read
+to write), with the stage each belongs to. Without --pcap, the capture is generated into
+/dev/shm (bench/gen_capture.py) and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# The engine, in one place: when the modules move (issue 9), only these lines change.
+from streamtap import config as st_config
+from streamtap.decode import Decoder
+from streamtap.flowtable import META, FlowTable, Limits
+from streamtap.reader import read
+from streamtap.record import to_json, to_record
+from streamtap.sinks.jsonl import JsonlSink
+
+HERE = Path(__file__).resolve().parent
+TMPFS = "/dev/shm"
+BATCH = 500  # streams per sink write, as the CLI's runner batches them
+
+# cProfile's file names -> stage, for the top-25 table (first match wins)
+STAGE_OF_FILE = (
+    ("reader.py", "read"), ("pcapng.py", "read"), ("pcapy", "read"),
+    ("decode.py", "decode"), ("defrag.py", "decode"),
+    ("flowtable.py", "reassembly"), ("reassembly.py", "reassembly"), ("wheel.py", "reassembly"),
+    ("stream.py", "reassembly"), ("record.py", "record"), ("jsonl.py", "write"),
+    ("json", "encode"), ("base64", "record"),
+)
+
+
+def _best(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+class Pipeline:
+    def __init__(self, pcap: str) -> None:
+        self.pcap = pcap
+        self.cfg = st_config.default()
+        self.limits = Limits.from_config(self.cfg)
+
+    def decoder(self, linktype: int) -> Decoder:
+        frag = self.cfg.reassembly.fragments
+        return Decoder(linktype, frag_max_pending=frag.max_pending, frag_timeout=frag.timeout)
+
+    def read_only(self) -> int:
+        n = 0
+        for _lt, _data, meta in read([self.pcap]):
+            n += len(meta) // 16
+        return n
+
+    def table(self) -> list:
+        t = FlowTable(self.limits)
+        decs: dict[int, Callable] = {}
+        for lt, data, meta in read([self.pcap]):
+            dec = decs.get(lt)
+            if dec is None:
+                dec = decs[lt] = self.decoder(lt).decode
+            t.linktype = lt
+            t.feed(dec, data, meta)
+        t.flush("shutdown")
+        return t.done
+
+
+def _decode(p: Pipeline) -> Callable[[], int]:
+    def run() -> int:
+        n = 0
+        decs: dict[int, Callable] = {}
+        for lt, data, meta in read([p.pcap]):
+            dec = decs.get(lt)
+            if dec is None:
+                dec = decs[lt] = p.decoder(lt).decode
+            for sec, usec, off, caplen in META.iter_unpack(meta):
+                if dec(data, off, off + caplen, sec + usec * 1e-6) is not None:
+                    n += 1
+        return n
+    return run
+
+
+def _lookup(p: Pipeline) -> Callable[[], int]:
+    def run() -> int:
+        flows: dict[tuple, int] = {}
+        get = flows.get
+        decs: dict[int, Callable] = {}
+        for lt, data, meta in read([p.pcap]):
+            dec = decs.get(lt)
+            if dec is None:
+                dec = decs[lt] = p.decoder(lt).decode
+            for sec, usec, off, caplen in META.iter_unpack(meta):
+                d = dec(data, off, off + caplen, sec + usec * 1e-6)
+                if d is None:
+                    continue
+                key = (d[1], d[3], d[2], d[4])
+                if get(key) is None:
+                    flows[key] = 1
+        return len(flows)
+    return run
+
+
+def sink_write(streams: list, path: str) -> None:
+    if os.path.exists(path):  # a fresh file each run; the unlink is not what is measured
+        os.unlink(path)
+    sink = JsonlSink("stages", {"path": path})
+    sink.open()
+    for i in range(0, len(streams), BATCH):
+        sink.write(streams[i : i + BATCH])
+    sink.flush()
+    sink.close()
+
+
+def profile(p: Pipeline, out: str) -> pstats.Stats:
+    prof = cProfile.Profile()
+    prof.enable()
+    streams = p.table()
+    sink_write(streams, out)
+    prof.disable()
+    return pstats.Stats(prof)
+
+
+def stage_of(filename: str) -> str:
+    for part, stage in STAGE_OF_FILE:
+        if part in filename:
+            return stage
+    return "other"
+
+
+def stage_of_entry(fn: tuple, stats: dict, depth: int = 0) -> str:
+    """A function's stage by its file; a built-in (no file) takes its main caller's stage."""
+    stage = stage_of(fn[0])
+    if stage != "other" or fn[0] != "~" or depth > 3:
+        return stage
+    callers = stats[fn][4]
+    if not callers:
+        return stage
+    main_caller = max(callers, key=lambda c: callers[c][2])  # by tottime spent for it
+    return stage_of_entry(main_caller, stats, depth + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pcap", help="capture to profile (default: generate --capture)")
+    ap.add_argument("--capture", default="mixed",
+                    choices=("mixed", "short", "synflood", "bulk"),
+                    help="generated capture's shape (mixed)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per stage; the best counts (3)")
+    ap.add_argument("--top", type=int, default=25, help="cProfile functions listed (25)")
+    args = ap.parse_args(argv)
+    generated = None
+    if args.pcap:
+        pcap = args.pcap
+        if not os.path.isfile(pcap):
+            ap.error(f"--pcap: {pcap}: no such file")
+    else:
+        sys.path.insert(0, str(HERE))
+        import gen_capture
+
+        fd, pcap = tempfile.mkstemp(prefix="streamtap-stages-", suffix=".pcap", dir=TMPFS)
+        os.close(fd)
+        generated = pcap
+        print(f"generating {args.capture} capture {pcap} ...", file=sys.stderr, flush=True)
+        gen_capture.generate(pcap, shape=args.capture)
+    try:
+        return report(pcap, max(1, args.repeat), args.top)
+    finally:
+        if generated:
+            os.unlink(generated)
+
+
+def report(pcap: str, repeat: int, top: int) -> int:
+    p = Pipeline(pcap)
+    t_read, packets = _best(p.read_only, repeat)
+    t_dec, _ = _best(_decode(p), repeat)
+    t_look, _ = _best(_lookup(p), repeat)
+    t_table, streams = _best(p.table, repeat)
+    assert isinstance(streams, list)
+    flows = max(1, len(streams))
+    # encode is a difference of two short timings: more runs, so noise does not swamp it
+    t_rec, _ = _best(lambda: [to_record(s) for s in streams], 3 * repeat)
+    t_json, _ = _best(lambda: [to_json(s) for s in streams], 3 * repeat)
+    out = os.path.join(TMPFS, f"streamtap-stages-{os.getpid()}.jsonl")
+    t_write, _ = _best(lambda: sink_write(streams, out), repeat)
+    os.unlink(out)
+
+    stats = profile(p, out).stats  # type: ignore[attr-defined]
+    os.unlink(out)
+    cum = {fn[2]: v[3] for fn, v in stats.items() if fn[0].endswith("flowtable.py")}
+    table_prof = max((v[3] for fn, v in stats.items()
+                      if fn[0] == __file__ and fn[2] == "table"), default=0.0)
+    # set-up and close: their profiled share of the flow table run, applied to its real time
+    scale = t_table / table_prof if table_prof else 0.0
+    t_setup = cum.get("_new_flow", 0.0) * scale
+    t_close = cum.get("_close", 0.0) * scale
+    t_reasm = max(0.0, t_table - t_look - t_setup - t_close)
+
+    us = 1e6
+    print(f"capture: {pcap}: {packets:,} packets, {len(streams):,} streams; "
+          f"best of {repeat} runs per stage")
+    print()
+    rows = [
+        ("read", "packet", t_read, packets, "reader.read(): the capture's batches"),
+        ("decode", "packet", t_dec - t_read, packets, "Decoder.decode per frame"),
+        ("flow lookup", "packet", t_look - t_dec, packets, "4-tuple key + one dict lookup"),
+        ("reassembly", "packet", t_reasm, packets,
+         "FlowTable.feed + flush, minus lookup, set-up, close"),
+        ("set-up", "flow", t_setup, flows, "FlowTable._new_flow (cProfile share)"),
+        ("close", "flow", t_close, flows, "FlowTable._close, the Stream (cProfile share)"),
+        ("record", "flow", t_rec, flows, "record.to_record"),
+        ("encode", "flow", max(0.0, t_json - t_rec), flows, "record.to_json - to_record"),
+        ("write", "flow", max(0.0, t_write - t_json), flows,
+         f"JsonlSink.write (batches of {BATCH}, tmpfs) - to_json"),
+    ]
+    print(f"{'stage':<12} {'per':<7} {'µs each':>9} {'total s':>8}  what")
+    print(f"{'-' * 12} {'-' * 7} {'-' * 9} {'-' * 8}  {'-' * 40}")
+    for name, per, secs, n, what in rows:
+        print(f"{name:<12} {per:<7} {secs / n * us:>9.3f} {secs:>8.3f}  {what}")
+    total = t_table + t_write
+    print(f"{'pipeline':<12} {'packet':<7} {total / packets * us:>9.3f} {total:>8.3f}  "
+          "read to JSON Lines on tmpfs (flow table + sink write)")
+    print()
+    print(f"top {top} functions by cProfile tottime (one profiled run, read to write):")
+    print(f"{'tottime s':>9} {'cumtime s':>9} {'calls':>10}  {'stage':<10} function")
+    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    for (fname, line, func), (_cc, nc, tt, ct, _callers) in ranked:
+        where = f"{Path(fname).name}:{line}({func})" if line else func
+        stage = stage_of_entry((fname, line, func), stats)
+        print(f"{tt:>9.3f} {ct:>9.3f} {nc:>10,}  {stage:<10} {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
