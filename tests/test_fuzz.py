@@ -335,6 +335,8 @@ def _link(linktype: int, v6: bool) -> bytes:
 def valid_frames(draw, linktype: int) -> bytes:
     v6 = draw(st.booleans()) if linktype not in (228, 229) else linktype == 229
     src, dst = ("2001:db8::1", "2001:db8::2") if v6 else ("10.0.0.1", "10.0.0.2")
+    if draw(st.integers(0, 9)) == 0:
+        dst = src   # with equal ports, a "land" packet: both halves share one key
     sport, dport = draw(st.sampled_from([(40000, 80), (80, 40000), (5000, 5000)]))
     payload = draw(st.binary(max_size=80))
     flags = draw(st.sampled_from(["S", "SA", "A", "PA", "FA", "RA", "R", "SF", 0xFF]))
@@ -415,6 +417,20 @@ def test_decode_fuzz_reaches_tcp() -> None:
         ip = pb.ipv6(src, dst, seg) if v6 else pb.ipv4(src, dst, seg)
         streams, _ = _run([(T0, linktype, _link(linktype, v6) + ip)], None)
         assert [s.client for s in streams] == [(src, 40000)], linktype
+
+
+@pytest.mark.parametrize("flags", ["S", "SA", "PA"])
+def test_land_packet_flow_is_closed(flags: str) -> None:
+    """Regression (found by bench/fuzz.py --atheris): a segment whose source and destination are
+    the same address and port made a flow that flush never found: never emitted, never closed."""
+    frames = [(T0 + i * DT, pb.LINKTYPE_RAW,
+               pb.frame("10.0.0.1", "10.0.0.1", 5000, 5000, 7, 0, flags, b"xy",
+                        linktype=pb.LINKTYPE_RAW))
+              for i in range(3)]
+    streams, stats = _run(frames, None)
+    assert stats["flows_active"] == 0
+    assert len(streams) == stats["flows"] == 1
+    assert streams[0].client == streams[0].server == ("10.0.0.1", 5000)
 
 
 @pytest.mark.parametrize("last", [False, True])
