@@ -308,6 +308,7 @@ def run_atheris(args: argparse.Namespace) -> int:
                 blob += len(frame).to_bytes(2, "big") + frame
             (corpus / f"seed-{j}-{lt}").write_bytes(bytes(blob))
     argv = [sys.argv[0], f"-max_total_time={args.seconds}", "-print_final_stats=1",
+            f"-artifact_prefix={tempfile.gettempdir()}/streamtap-fuzz-",
             "-rss_limit_mb=4096", str(corpus)]
     if args.runs:
         argv.insert(1, f"-runs={args.runs}")
