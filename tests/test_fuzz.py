@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pcapbuild as pb
 import pytest
@@ -443,3 +446,12 @@ def test_model_sanity(last: bool) -> None:
     h.fin = True
     want = (b"aXYfg" if last else b"abYfg")
     assert h.expected() == (want, [(3, 2), (5, 1)])
+
+
+def test_bench_fuzz_smoke() -> None:
+    """bench/fuzz.py keeps working: a short run, pure-Python engine, no exception, exit 0."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "fuzz.py"
+    p = subprocess.run([sys.executable, str(script), "--packets", "3000", "--scenes", "2",
+                        "--engine", "python"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "exceptions 0" in p.stdout and "closed exactly once: True" in p.stdout, p.stdout
