@@ -375,12 +375,15 @@ class FlowTable:
         a.flow = b.flow = f
         if self.limits.keep_packets:
             f.pkts = []
-        self.flows[(src, sport, dst, dport)] = a
-        self.flows[(dst, dport, src, sport)] = b
+        # A "land" packet (same address and port at both ends) gives both halves one key: the
+        # client must hold it, or flush and eviction (which look for client halves) never find
+        # the flow and it is never emitted.
+        self.flows[(server.ip, server.port, client.ip, client.port)] = server
+        self.flows[(client.ip, client.port, server.ip, server.port)] = client
         self.nflows += 1
         self.stats["flows"] += 1
         self._set_state(f, HANDSHAKE if flags & TH_SYN else ESTABLISHED)
-        return a
+        return self.flows[(src, sport, dst, dport)]
 
     def _set_state(self, f: Flow, state: int, timeout: float | None = None) -> None:
         f.state = state

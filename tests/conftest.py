@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import require
+from hypothesis import settings
+
+# Property tests (tests/test_fuzz.py): `make test` runs a small, derandomized profile so CI is
+# deterministic and cheap; HYPOTHESIS_PROFILE=long explores for real on a developer's machine.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
+                          print_blob=True)
+settings.register_profile("long", max_examples=20_000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
