@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import grp
 import os
 import types
 import typing
@@ -123,6 +124,16 @@ def _listen(value: str | None, path: str) -> str | None:
             f"got host {host!r}",
             path,
         )
+    return value
+
+
+def _group(value: str | None, path: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise ConfigError(f"no such group {value!r}", path) from None
     return value
 
 
@@ -356,6 +367,32 @@ class ControlConfig:
         (),
         check=_absolute_dirs,
         help="Absolute directories POST /pcaps may read files from; [] = ingestion disabled.",
+    )
+    group: str | None = setting(
+        None,
+        check=_group,
+        help="Group of the unix socket (mode 0660: its members may use the API); null = the "
+        "daemon's own group (streamtap under the packaged unit).",
+    )
+    max_connections: int = setting(
+        64,
+        positive=True,
+        max=4096,
+        help="Control connections served at once; one more is answered 503 and closed at once.",
+    )
+    request_timeout: float = setting(
+        10.0,
+        unit="duration",
+        positive=True,
+        help="Time a client has to send a whole request (line, headers, body), and an idle "
+        "keep-alive connection waits for the next one; a slower client is cut (408).",
+    )
+    max_body: int = setting(
+        64 * 1024,
+        unit="size",
+        positive=True,
+        max=16 * MIB,
+        help="Largest request body; a longer one is refused with 413 before it is read.",
     )
 
 

@@ -16,12 +16,23 @@ Endpoints (every body is JSON except /metrics; every error is `{"error": "..."}`
 
 The server never sends a traceback: exceptions are logged on the ``streamtap.control`` logger and
 the client gets a 500 with a one-line error. Request lines are logged at debug level.
+
+Hostile clients (see `Limits`): at most ``max_connections`` connections are served at once, each
+on its own thread; one more is answered 503 by the listener thread and closed, so a flood costs a
+bounded number of threads and never blocks the accept loop. A whole request (line, headers, body)
+must arrive within ``request_timeout`` of the connection (or of the previous answer): the deadline
+is not reset by each byte, so a client sending one byte a second is cut (408). The request line and
+headers together are capped at `MAX_HEAD` bytes (414/431), the body at ``max_body`` (413, answered
+from the headers: the body is never read). Malformed requests get a 400. None of these is logged
+with a traceback, and none touches the supervisor: the control threads only read its state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -29,8 +40,11 @@ import os
 import socket
 import socketserver
 import stat
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,8 +62,30 @@ __all__ = ["ControlError", "ControlServer", "IngestJob", "parse_listen"]
 SOCKET_MODE = 0o660
 SOCKET_DIR_MODE = 0o750
 MAX_BODY = 64 * 1024
-REQUEST_TIMEOUT = 30.0  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT = 10.0
+MAX_HEAD = 16 * 1024  # request line + headers; ours are a few hundred bytes
+LINGER = 1.0  # after an early answer, unread body bytes are drained this long (see _linger)
+LINGER_BYTES = 1 << 20
 JSON_TYPE = "application/json"
+_BUSY_BODY = b'{"error": "too many control connections at once, retry later"}\n'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+         % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one control client may cost (the ``control.*`` settings of the same names)."""
+
+    max_connections: int = MAX_CONNECTIONS
+    request_timeout: float = REQUEST_TIMEOUT
+    max_body: int = MAX_BODY
+
+    @classmethod
+    def of(cls, control: Any) -> Limits:
+        """From a `ControlConfig`."""
+        return cls(control.max_connections, control.request_timeout, control.max_body)
 
 
 class ControlError(Error):
@@ -83,14 +119,164 @@ class _HttpError(Exception):
         self.headers = headers or {}
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _DeadlineSocket(io.RawIOBase):
+    """The connection's reads, each bounded by what is left before `deadline` (monotonic): a
+    client trickling one byte a second is cut when the deadline passes, since no byte resets it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = float("inf")
+        self.got = 0  # bytes received since the deadline was set
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(left)
+        n = self.sock.recv_into(b)
+        self.got += n
+        return n
+
+
+class _RequestReader:
+    """``rfile``: a buffered reader whose ``readline`` (the request line and headers, as the
+    stdlib reads them) draws on a byte budget; past it, `_HeadTooLarge`."""
+
+    def __init__(self, raw: _DeadlineSocket) -> None:
+        self.raw = raw
+        self._buf = io.BufferedReader(raw)
+        self.head_left = MAX_HEAD
+
+    def readline(self, size: int = -1) -> bytes:
+        cap = self.head_left + 1
+        line = self._buf.readline(cap if size < 0 else min(size, cap))
+        self.head_left -= len(line)
+        if self.head_left < 0:
+            raise _HeadTooLarge
+        return line
+
+    def read(self, n: int = -1) -> bytes:
+        return self._buf.read(n)
+
+    @property
+    def closed(self) -> bool:
+        return self._buf.closed
+
+    def close(self) -> None:
+        self._buf.close()
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "streamtap"
     sys_version = ""
-    timeout = REQUEST_TIMEOUT
+    # errors before the version is parsed are answered with a status line and headers: the
+    # stdlib's default (HTTP/0.9) would send a bare body no HTTP/1 client can read
+    default_request_version = "HTTP/1.1"
     control: ControlServer  # set on the subclass made per server
+    _error_code = 0  # the last send_error's
+    _unread = False  # an answer was sent before the body was read: drain it before closing
 
     # ---------------------------------------------------------------- plumbing
+
+    def setup(self) -> None:
+        super().setup()
+        self._raw = _DeadlineSocket(self.connection)
+        self.rfile = _RequestReader(self._raw)  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        """The stdlib's, with a deadline and a head budget; a cut connection logs one line."""
+        limits = self.control.limits
+        self._raw.deadline = time.monotonic() + limits.request_timeout
+        self._raw.got = 0
+        self.rfile.head_left = MAX_HEAD  # type: ignore[attr-defined]
+        # send_error may run before parse_request has set these (a cut request line)
+        self.command = None  # type: ignore[assignment]
+        self.request_version, self.requestline = "HTTP/1.1", ""
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_HEAD + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            self.rfile.head_left = 1 << 62  # type: ignore[attr-defined]  # the body is not head
+            if not hasattr(self, "do_" + self.command):
+                self.send_error(501, f"unsupported method {self.command!r}")
+                return
+            getattr(self, "do_" + self.command)()
+            self.wfile.flush()
+        except _HeadTooLarge:
+            self._cut("too_large", 431, f"request line and headers over {MAX_HEAD} bytes")
+        except TimeoutError:
+            # an idle keep-alive connection (nothing of a new request yet) just closes
+            self._cut("timeout", 408 if self._raw.got else 0,
+                      f"request not received within {limits.request_timeout:g} s")
+        except (ConnectionError, ValueError):  # ValueError: I/O on a closed file
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        self._error_code = 0
+        ok = super().parse_request()
+        if ok and len(self.requestline.split()) == 2:  # "GET /path": HTTP/0.9, no headers
+            self.send_error(400, "HTTP/0.9 requests are not supported")
+            ok = False
+        if not ok and self._error_code:  # answered by the stdlib: count it as ours
+            self.control._count("too_large" if self._error_code == 431 else "malformed")
+        return ok
+
+    def _cut(self, reason: str, code: int, message: str) -> None:
+        self.close_connection = True
+        self.control._count(reason)
+        log.debug("control %s: cut (%s): %s", self._peer(), reason, message)
+        if code:
+            with contextlib.suppress(OSError):
+                self._unread = True
+                self.send_error(code, message)
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` with too large a body: 413 instead of "go on"."""
+        try:
+            n = self._content_length()
+        except _HttpError as e:
+            self._json(e.code, {"error": e.message}, {"Connection": "close"})
+            return False
+        if n > self.control.limits.max_body:
+            self.control._count("too_large")
+            self._unread = True
+            self.send_error(413, f"request body over {self.control.limits.max_body} bytes")
+            return False
+        return super().handle_expect_100()
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().finish()
+        if self._unread:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends (bounded by `LINGER` seconds and
+        `LINGER_BYTES`) after our write side is shut: closing with unread bytes makes the
+        kernel send a TCP reset, which can destroy the answer before the client reads it."""
+        sock = self.connection
+        end = time.monotonic() + LINGER
+        got = 0
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            while got < LINGER_BYTES and (left := end - time.monotonic()) > 0:
+                sock.settimeout(left)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("control %s: " + format, self._peer(), *args)
@@ -106,6 +292,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:
+        # sendall's timeout bounds the whole answer: a client that does not read is cut too
+        self.connection.settimeout(self.control.limits.request_timeout)
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -127,6 +315,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             short, _long = self.responses.get(code, ("error", ""))
         except Exception:
             short = "error"
+        self._error_code = code
         self.close_connection = True
         try:
             self._json(code, {"error": message or short}, {"Connection": "close"})
@@ -138,7 +327,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._route()
         except _HttpError as e:
             self._json(e.code, {"error": e.message}, e.headers)
-        except (BrokenPipeError, ConnectionResetError):
+        except TimeoutError:
+            self._cut("timeout", 408 if self._raw.got else 0,
+                      f"request not received within {self.control.limits.request_timeout:g} s")
+        except ConnectionError:
             self.close_connection = True
         except Exception:
             log.exception("control: %s %s failed", self.command, self.path)
@@ -193,8 +385,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _discard_body(self) -> None:
         n = self._content_length()
         if n:
-            if n > MAX_BODY:
+            if n > self.control.limits.max_body:
                 self.close_connection = True
+                self._unread = True
             else:
                 self.rfile.read(n)
 
@@ -209,17 +402,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             n = int(raw)
         except ValueError:
             n = -1
-        if n < 0:
+        if n < 0 or len(self.headers.get_all("Content-Length") or ()) > 1:
             self.close_connection = True
+            self._unread = True
+            self.control._count("malformed")
             raise _HttpError(400, f"bad Content-Length {raw!r}")
         return n
 
     def _read_path(self) -> str:
         n = self._content_length()
-        if n > MAX_BODY:
+        max_body = self.control.limits.max_body
+        if n > max_body:
             self.close_connection = True
-            raise _HttpError(413, f"request body over {MAX_BODY} bytes")
+            self._unread = True
+            self.control._count("too_large")
+            raise _HttpError(413, f"request body over {max_body} bytes")
         raw = self.rfile.read(n) if n else b""
+        if len(raw) < n:  # the client closed mid-body
+            self.close_connection = True
+            raise _HttpError(400, f"request body shorter than Content-Length ({len(raw)} < {n})")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -232,14 +433,43 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return path
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _Bounded(socketserver.ThreadingMixIn):
+    """One thread per connection, at most ``control.limits.max_connections`` of them across
+    the server's listeners; one more is answered 503 from the accept thread and closed."""
+
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 256  # a burst of connects waits in the kernel, not in SYN retries
+    control: ControlServer
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.control._slots.acquire(blocking=False):
+            self.control._refuse(request)
+            return
+        self.control._admitted()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: its slot is ours to give back
+            self.control._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.control._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """The stdlib prints a traceback to stderr; one line in the log instead."""
+        e = sys.exc_info()[1]
+        log.warning("control: connection failed: %s: %s", type(e).__name__, e)
 
 
-class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    block_on_close = False
+class _UnixServer(_Bounded, socketserver.UnixStreamServer):
+    pass
+
+
+class _TcpServer(_Bounded, socketserver.TCPServer):
     allow_reuse_address = True
 
 
@@ -266,6 +496,8 @@ class ControlServer:
         deliver: Callable[[list[Stream]], None],
         config: Callable[[], Config | None] | None = None,
         max_queued: int = MAX_QUEUED,
+        group: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         if socket_path is None and listen is None:
             raise ControlError("the control server needs a unix socket path or a listen address")
@@ -278,6 +510,14 @@ class ControlServer:
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self._socket_ino: tuple[int, int] | None = None
+        self.group = group
+        self.limits = limits or Limits()
+        self._slots = threading.BoundedSemaphore(self.limits.max_connections)
+        self._lock = threading.Lock()
+        # connections refused (busy) and requests cut (timeout, too_large, malformed)
+        self.counters: dict[str, int] = {"busy": 0, "timeout": 0, "too_large": 0,
+                                         "malformed": 0}
+        self._refusing = 0  # refused in the current episode (0: not refusing)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -290,7 +530,14 @@ class ControlServer:
                 host, port = self._listen
                 cls = _Tcp6Server if ":" in host else _TcpServer
                 try:
-                    srv = cls((host, port), handler)
+                    srv = cls((host, port), handler, bind_and_activate=False)
+                    srv.control = self
+                    try:
+                        srv.server_bind()
+                        srv.server_activate()
+                    except BaseException:
+                        srv.server_close()
+                        raise
                 except OSError as e:
                     raise ControlError(f"control API: cannot listen on {host}:{port}: "
                                        f"{e.strerror or e}") from None
@@ -319,14 +566,25 @@ class ControlServer:
         except OSError as e:
             raise ControlError(f"control socket directory {parent}: {e.strerror or e}") from None
         self._remove_stale(path)
+        gid = -1
+        if self.group is not None:
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ControlError(f"control.group {self.group!r}: no such group") from None
+        srv = _UnixServer(path, handler, bind_and_activate=False)
+        srv.control = self
         try:
-            srv = _UnixServer(path, handler)
-        except OSError as e:
-            raise ControlError(f"control socket {path}: {e.strerror or e}") from None
-        try:
-            os.chmod(path, SOCKET_MODE)
+            # Linux creates the socket file with the unbound socket's mode (less the umask):
+            # 0660 from the first instant, never the umask's wider default until a chmod
+            os.fchmod(srv.socket.fileno(), SOCKET_MODE)
+            srv.server_bind()
             st = os.stat(path)
             self._socket_ino = (st.st_dev, st.st_ino)
+            os.chmod(path, SOCKET_MODE)  # the umask may have taken bits away
+            if gid != -1:
+                os.chown(path, -1, gid)  # before listen(): no one connects under the old group
+            srv.server_activate()
         except OSError as e:
             srv.server_close()
             raise ControlError(f"control socket {path}: {e.strerror or e}") from None
@@ -384,6 +642,38 @@ class ControlServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # ---------------------------------------------------------------- hostile clients
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self.counters[reason] += 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """503 and close, on the accept thread: never blocks (a new socket's send buffer is
+        empty), reads nothing but what has already arrived (see `_Handler._linger`)."""
+        with self._lock:
+            self.counters["busy"] += 1
+            self._refusing += 1
+            first = self._refusing == 1
+        if first:
+            log.warning("control: %d connections at once, refusing more (503) until one "
+                        "ends (control.max_connections)", self.limits.max_connections)
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(_BUSY)
+            with contextlib.suppress(OSError):
+                request.recv(65536)
+            request.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            request.close()
+
+    def _admitted(self) -> None:
+        if self._refusing:
+            with self._lock:
+                n, self._refusing = self._refusing, 0
+            if n:
+                log.warning("control: serving again, %d connections were refused", n)
 
     # ---------------------------------------------------------------- ingest jobs
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -118,12 +119,14 @@ class Ingestor:
 
     def submit(self, path: str) -> IngestJob:
         """Check `path` and queue a job for it; raises `IngestError` (400/403/404/503)."""
+        if "\0" in path:
+            raise IngestError(400, "path contains a NUL byte")
         if not os.path.isabs(path):
             raise IngestError(400, f"path must be absolute, got {path!r}")
         if not self.dirs:
             raise IngestError(403, "ingestion is disabled: control.ingest_dirs is empty")
-        real = os.path.realpath(path)
-        if not any(os.path.commonpath([real, d]) == d for d in self.dirs):
+        real = os.path.realpath(path)  # `..` and every symlink resolved, then checked
+        if not self._inside(real):
             raise IngestError(403, f"{path} is not inside an ingest directory "
                               f"({', '.join(self.dirs)})")
         if not os.path.exists(real):
@@ -142,6 +145,29 @@ class Ingestor:
             self._prune()
         log.info("ingest %s: queued %s", job.id, real)
         return job
+
+    def _inside(self, real: str) -> bool:
+        return any(os.path.commonpath([real, d]) == d for d in self.dirs)
+
+    def _open_checked(self, job: IngestJob) -> int:
+        """Open the job's file and check again, on the open file, that it is a regular file
+        inside an ingest directory: a path component swapped for a symlink between the request
+        and the run (jobs wait in a queue) must not let the job read outside. Raises
+        `IngestError` (its message names the requested path, not /proc)."""
+        try:
+            # O_NONBLOCK: a FIFO swapped in must not hang the ingest thread on open
+            fd = os.open(job.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise IngestError(404, f"{job.path}: {e.strerror or e}") from None
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            if not self._inside(real) or not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise IngestError(403, f"{job.path} changed since it was accepted: it is no "
+                                  "longer a regular file inside an ingest directory")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _prune(self) -> None:
         extra = len(self._jobs) - MAX_JOBS_KEPT
@@ -179,7 +205,22 @@ class Ingestor:
         with self._lock:
             job.status = "running"
         log.info("ingest %s: reading %s", job.id, job.path)
-        pipe = Pipeline(job.path, self.config() if self.config else None)
+        try:
+            fd = self._open_checked(job)
+        except IngestError as e:
+            log.warning("ingest %s: %s", job.id, e)
+            self._finish(job, "failed", str(e))
+            return
+        try:
+            self._read(job, fd)
+        finally:
+            os.close(fd)
+
+    def _read(self, job: IngestJob, fd: int) -> None:
+        # the readers open by name: /proc/self/fd/N is the file checked above, whatever the
+        # path names now
+        proc = f"/proc/self/fd/{fd}"
+        pipe = Pipeline(proc, self.config() if self.config else None)
         try:
             for streams in pipe.batches():
                 if self._stopping.is_set():
@@ -191,8 +232,9 @@ class Ingestor:
                     job.packets = pipe.packets
                     job.streams += len(streams)
         except (CaptureError, UnsupportedLinkType) as e:
-            log.warning("ingest %s: %s", job.id, e)
-            self._finish(job, "failed", str(e))
+            msg = str(e).replace(proc, job.path)
+            log.warning("ingest %s: %s", job.id, msg)
+            self._finish(job, "failed", msg)
             return
         self._finish(job, "done", None)
         log.info("ingest %s: done, %d packets, %d streams", job.id, job.packets, job.streams)

@@ -31,7 +31,7 @@ def control_socket_path(args: Any, cfg: Config, interface: str | None) -> str:
 def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
     """The control API, or None (logged) when it cannot start: capture matters more."""
     try:
-        from .control import ControlServer
+        from .control import ControlServer, Limits
     except ImportError as e:
         log.warning("control API unavailable: %s", e)
         return None
@@ -39,7 +39,8 @@ def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         server = ControlServer(path, listen=cfg.control.listen,
                                ingest_dirs=cfg.control.ingest_dirs, state=sup.state,
-                               deliver=sup.deliver, config=lambda: sup.cfg)
+                               deliver=sup.deliver, config=lambda: sup.cfg,
+                               group=cfg.control.group, limits=Limits.of(cfg.control))
         server.start()
     except Exception as e:
         log.warning("control API on %s not started: %s", path, e)
