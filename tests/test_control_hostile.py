@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import select
 import shutil
 import socket
 import stat
@@ -483,3 +484,80 @@ def test_non_loopback_listen_exits_2_naming_key_and_line(short_dir: Path, listen
     assert r.returncode == 2, r.stderr
     assert "c.yaml:3: control.listen: only 127.0.0.1:PORT is allowed" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- a live daemon
+
+
+def hostile_round(ctl: Any, ingest: Path) -> dict[str, Any]:
+    """Every hostile client above, against `ctl` (.address): what each got."""
+    got: dict[str, Any] = {}
+    got["malformed"] = [raw(ctl, data)[0] for data, _want in MALFORMED]
+    s = connect(ctl)
+    s.sendall(b"POST /pcaps HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (10 * MB))
+    with contextlib.suppress(OSError):
+        s.sendall(b"x" * MB)
+    got["body_10mb"] = read_answer(s)[0]
+    s.close()
+    slow = connect(ctl)
+    t0 = time.monotonic()
+    for b in b"GET /status HTTP/1.1\r\n":
+        with contextlib.suppress(OSError):
+            slow.send(bytes([b]))
+        readable, _, _ = select.select([slow], [], [], 0.5)  # a byte every 0.5 s until cut
+        if readable:
+            break
+    cut_at = time.monotonic() - t0
+    slow.settimeout(5)
+    got["slow"] = (read_answer(slow)[0], cut_at)
+    slow.close()
+    got["flood"] = flood(ctl.address, 1000, b"GET /status HTTP/1.1\r\n\r\n")[0]
+    got["ingest"] = [post(ctl, p)[0] for p in (f"{ingest}/../secret/s.pcap",
+                                               f"{ingest}/out/s.pcap")]
+    return got
+
+
+@pytest.mark.requires(netns.available())
+def test_live_daemon_keeps_capturing_under_hostile_clients(tmp_path: Path) -> None:
+    from test_daemon_live import Daemon, assert_exact, mix
+
+    ingest = tmp_path / "ingest"
+    ingest.mkdir()
+    (tmp_path / "secret").mkdir()
+    (ingest / "out").symlink_to(tmp_path / "secret")
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"control:\n  request_timeout: 2s\n  ingest_dirs: ['{ingest}']\n")
+    with netns.VethPair() as net:
+        net.server = net.start_server()
+        d = Daemon(net, tmp_path, "--config", str(conf), workers=2)
+        try:
+            d.wait_msg("READY=1")
+            ctl = type("Ctl", (), {"address": str(d.sock), "port": None})()
+            before = net.run_client(mix(net, 20, seed=1), parallel=4)
+            # traffic all through the hostile round (100 rounds of 2 connections, 50 ms each)
+            during = net.client_popen(mix(net, 200, seed=2), parallel=2, hold=0.05)
+            got = hostile_round(ctl, ingest)
+            out, _ = during.communicate(timeout=120)
+            during_results = json.loads(out)
+            after = net.run_client(mix(net, 20, seed=3), parallel=4)
+            results = before + during_results + after
+            records = d.wait_records(len(results), timeout=30)
+            assert_exact(results, records)
+            assert len(d.records()) == len(results)
+            t0 = time.monotonic()
+            st = d.status()
+            assert st is not None and st["packets"] > 0 and time.monotonic() - t0 < 1.0
+            assert got["malformed"] == [want for _d, want in MALFORMED], got
+            assert got["body_10mb"] == 413
+            assert got["slow"][0] == 408 and 1.9 <= got["slow"][1] <= 3.5, got["slow"]
+            assert sum(got["flood"].values()) == 1000 and set(got["flood"]) <= {200, 503}
+            assert got["flood"].get(200, 0) >= 64, got["flood"]
+            assert got["ingest"] == [403, 403]
+            assert all(w["alive"] for w in st["workers"]) and st["worker_restarts"] == 0
+            assert d.stop() == 0
+            err = d.stderr()
+            assert "Traceback" not in err, err[-3000:]
+            print("hostile round:", {k: v for k, v in got.items() if k != "malformed"},
+                  f"streams {len(results)} exact")
+        finally:
+            d.close()
