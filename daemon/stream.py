@@ -30,17 +30,19 @@ import binascii
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from .communityid import community_id, community_id_packed, pack_ip
 
+_b64encode: Callable[[Any], bytes]
 try:  # SIMD base64 (AVX2/AVX-512/NEON): ~6x binascii on bulk payloads
     from pybase64 import b64encode as _b64encode
 except ImportError:  # pragma: no cover - pybase64 is a dependency; same bytes, only slower
-    def _b64encode(data: Any) -> bytes:
-        return binascii.b2a_base64(data, newline=False)
+    _b64encode = partial(binascii.b2a_base64, newline=False)
 
 __all__ = [
     "CLIENT_RULES",
