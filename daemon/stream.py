@@ -293,14 +293,18 @@ def _encoded(data: Any, payload: str) -> bytes:
 
 
 def _json_value(v: Any) -> str:
-    """A scalar as json.dumps writes it: the record's ints and strings take the fast paths,
-    anything else (a bool, None, an int subclass, a float) goes through json.dumps itself, so
+    """A scalar as json.dumps writes it: the record's ints, strings and bools take the fast
+    paths, anything else (None, an int subclass, a float) goes through json.dumps itself, so
     the two renderings can never disagree."""
     t = type(v)
     if t is int:
         return int.__repr__(v)
     if t is str:
         return _quote(v)
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
     return json.dumps(v)
 
 
