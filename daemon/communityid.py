@@ -14,12 +14,15 @@ Only port-based protocols (TCP, UDP, SCTP) are covered: streamtap never needs th
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import socket
 import struct
 
-__all__ = ["community_id", "pack_ip"]
+__all__ = ["community_id", "community_id_packed", "pack_ip"]
+
+_SEED = struct.Struct("!H")
+_TAIL = struct.Struct("!BxHH")
 
 
 def pack_ip(ip: str) -> bytes:
@@ -48,13 +51,21 @@ def community_id(
     b = pack_ip(dst_ip)
     if len(a) != len(b):
         raise ValueError(f"mixed address families: {src_ip!r} and {dst_ip!r}")
-    if (b, dst_port) < (a, src_port):
+    return community_id_packed(a, src_port, b, dst_port, proto, seed)
+
+
+def community_id_packed(
+    a: bytes, a_port: int, b: bytes, b_port: int, proto: int = 6, seed: int = 0
+) -> str:
+    """`community_id` of addresses already packed by `pack_ip` (the record packs each address
+    once for both the stream id and this). Both must be of one family."""
+    if (b, b_port) < (a, a_port):
         a, b = b, a
-        src_port, dst_port = dst_port, src_port
+        a_port, b_port = b_port, a_port
     try:
-        head = struct.pack("!H", seed)
-        tail = struct.pack("!BxHH", proto, src_port, dst_port)
+        head = _SEED.pack(seed)
+        tail = _TAIL.pack(proto, a_port, b_port)
     except struct.error as exc:
         raise ValueError(f"seed, proto or port out of range: {exc}") from None
-    digest = hashlib.sha1(head + a + b + tail, usedforsecurity=False).digest()
-    return "1:" + base64.b64encode(digest).decode("ascii")
+    digest = hashlib.sha1(b"".join((head, a, b, tail)), usedforsecurity=False).digest()
+    return "1:" + binascii.b2a_base64(digest, newline=False).decode("ascii")

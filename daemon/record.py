@@ -3,6 +3,15 @@ beside `Stream` (one module, no import cycle); the sinks import them from here."
 
 from __future__ import annotations
 
-from .stream import PAYLOAD_ENCODINGS, encode_payload, stream_id, to_json, to_record
+from .stream import (
+    PAYLOAD_ENCODINGS,
+    encode_payload,
+    stream_id,
+    to_json,
+    to_json_chunks,
+    to_record,
+)
 
-__all__ = ["PAYLOAD_ENCODINGS", "encode_payload", "stream_id", "to_json", "to_record"]
+__all__ = [
+    "PAYLOAD_ENCODINGS", "encode_payload", "stream_id", "to_json", "to_json_chunks", "to_record",
+]

@@ -1,7 +1,7 @@
 """Lossless serialization of a `Stream` for the disk spool.
 
-`encode(s)` is the stream's record (`streamtap.record.to_json`, payloads base64, never capped)
-with the fields a record does not carry exactly spliced in as extra top-level keys:
+`encode(s)` is the stream's record (`streamtap.stream.to_json_chunks`, payloads base64, never
+capped) with the fields a record does not carry exactly spliced in as extra top-level keys:
 
 - `_start`, `_end`: the exact float timestamps (the record rounds them to microseconds);
 - `_ip_version`, `_linktype`;
@@ -14,23 +14,28 @@ with the fields a record does not carry exactly spliced in as extra top-level ke
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from streamtap.record import to_json
-from streamtap.stream import Stream
+from streamtap.stream import Stream, to_json_chunks
+
+_b64encode: Callable[[Any], bytes]
+try:  # the record's own base64 encoder (SIMD); binascii gives the same bytes, slower
+    from pybase64 import b64encode as _b64encode
+except ImportError:  # pragma: no cover - pybase64 is a dependency; same bytes, only slower
+    _b64encode = partial(binascii.b2a_base64, newline=False)
 
 __all__ = ["decode", "encode"]
 
-_b64encode = base64.b64encode
 _a2b = binascii.a2b_base64  # the CRC already vouches for the bytes: no strict check
 
 
 def encode(s: Stream) -> bytes:
     """`s` as UTF-8 JSON bytes (see the module docstring)."""
-    line = to_json(s, "base64")
+    chunks = to_json_chunks(s, "base64")
     packets = s.packets
     extras: dict[str, Any] = {
         "_start": s.start,
@@ -44,8 +49,10 @@ def encode(s: Stream) -> bytes:
     if s.extra:
         extras["_extra"] = s.extra
     tail = json.dumps(extras, separators=(",", ":"), default=repr)
-    # Both are JSON objects: splice the extras into the record's object.
-    return (line[:-1] + "," + tail[1:]).encode("utf-8")
+    # Both are JSON objects: splice the extras into the record's object (the last chunk is
+    # the record's closing text), in the one join that copies the payloads.
+    chunks[-1] = chunks[-1][:-1] + b"," + tail[1:].encode("utf-8")
+    return b"".join(chunks)
 
 
 def decode(b: bytes) -> Stream:
@@ -85,6 +92,10 @@ def decode(b: bytes) -> Stream:
                 (float(ts), int(wl), _a2b(fr)) for ts, wl, fr in packets],
             linktype=int(d["_linktype"]),
             extra=d.get("_extra") or {},
+            # absent from spool records written before parts existed
+            part=int(d["stream"].get("part", 0)),
+            client_offset=int(src.get("offset", 0)),
+            server_offset=int(dst.get("offset", 0)),
         )
     except (KeyError, TypeError, AttributeError, binascii.Error) as exc:
         raise ValueError(f"malformed spool record: {exc!r}") from None

@@ -1,4 +1,5 @@
-"""JSON Lines sink: one stream record per line (`streamtap.record.to_json`), to a file or stdout.
+"""JSON Lines sink: one stream record per line (`streamtap.stream.to_json_chunks`), to a file
+or stdout.
 
 Options (config `sinks: [{type: jsonl, ...}]`, defaults in `DEFAULTS`):
 
@@ -46,9 +47,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streamtap.config.schema import setting
-from streamtap.record import PAYLOAD_ENCODINGS, to_json
 from streamtap.sinks.base import Result, Sink
-from streamtap.stream import Stream
+from streamtap.stream import PAYLOAD_ENCODINGS, Stream, to_json_chunks
 
 MIB = 1024**2
 
@@ -173,14 +173,14 @@ class JsonlSink(Sink):
         return b"".join(self._lines(batch))
 
     def _lines(self, batch: Sequence[Stream]) -> list[bytes]:
-        """[record, b"\\n", record, b"\\n", ...]: each record encoded once, never copied
-        again before os.writev (on bulk captures every extra copy of the batch showed up)."""
+        """The batch's lines as chunks for os.writev: each record's text around its payloads,
+        and each large payload's base64 as the encoder returned it (copied once, by the
+        encoder: on bulk captures every extra copy of the batch showed up)."""
         enc, cap = self.payload_encoding, self.max_payload
         out: list[bytes] = []
-        append = out.append
+        extend = out.extend
         for s in batch:
-            append(to_json(s, enc, cap).encode("utf-8"))
-            append(b"\n")
+            extend(to_json_chunks(s, enc, cap, "\n"))
         return out
 
     def write(self, batch: Sequence[Stream]) -> Result:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamtap.communityid import community_id
 from streamtap.record import encode_payload, stream_id, to_json, to_record
-from streamtap.stream import Stream
+from streamtap.stream import CLOSE_REASONS, Stream, to_json_chunks
 
 # 2021-03-04T05:06:07.123456Z
 T0 = 1614834367.123456
@@ -54,7 +58,8 @@ def test_layout_and_types() -> None:
         "observer",
         "streamtap",
     ]
-    assert list(r["stream"]) == ["id"]
+    assert list(r["stream"]) == ["id", "part"]
+    assert r["stream"]["part"] == 0  # a stream emitted whole is part 0
     assert isinstance(r["stream"]["id"], str) and len(r["stream"]["id"]) == 32
     int(r["stream"]["id"], 16)
 
@@ -78,7 +83,8 @@ def test_layout_and_types() -> None:
         ("destination", s.server, s.server_data, 5),
     ):
         part = r[key]
-        assert list(part) == ["ip", "port", "bytes", "packets", "payload"]
+        assert list(part) == ["ip", "port", "bytes", "packets", "offset", "payload"]
+        assert part["offset"] == 0
         assert part["ip"] == side[0] and isinstance(part["ip"], str)
         assert part["port"] == side[1] and isinstance(part["port"], int)
         assert part["bytes"] == len(data)
@@ -262,3 +268,124 @@ def test_to_json_splice_equals_plain_encoding(encoding: str) -> None:
                ip_version=4, interface="\x00streamtap-c\x00")
     line = to_json(s, encoding)
     assert line == json.dumps(to_record(s, encoding), separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- parts (issue 11 item 3)
+
+
+def test_part_fields() -> None:
+    whole = make_stream()
+    s = make_stream(part=3, client_offset=64 << 20, server_offset=5, close_reason="part")
+    r = to_record(s)
+    assert r["stream"] == {"id": stream_id(whole), "part": 3}  # every part has the stream's id
+    assert r["source"]["offset"] == 64 << 20 and r["destination"]["offset"] == 5
+    assert r["tcp"]["close_reason"] == "part" and "part" in CLOSE_REASONS
+    assert json.loads(to_json(s)) == r
+
+
+def test_spool_codec_keeps_parts() -> None:
+    from streamtap.sinks import codec
+
+    s = make_stream(part=2, client_offset=7, server_offset=9, close_reason="part")
+    assert codec.decode(codec.encode(s)) == s
+    # a spool record written before parts existed reads back as part 0, offsets 0
+    d = json.loads(codec.encode(make_stream()))
+    del d["stream"]["part"], d["source"]["offset"], d["destination"]["offset"]
+    old = codec.decode(json.dumps(d).encode())
+    assert (old.part, old.client_offset, old.server_offset) == (0, 0, 0)
+
+
+# ------------------------------------------ the direct writer against json.dumps of the dict
+
+
+def assert_same_json(s: Stream, encoding: str, cap: int | None) -> None:
+    chunks = to_json_chunks(s, encoding, cap, "\n")
+    assert all(type(c) is bytes for c in chunks)
+    expected = json.dumps(to_record(s, encoding, cap), separators=(",", ":")) + "\n"
+    assert b"".join(chunks) == expected.encode("ascii")
+
+
+def test_large_payloads_are_chunks_of_their_own() -> None:
+    big_c, big_s = bytes(range(256)) * 40, b"\x00" * 9000
+    s = make_stream(client_data=big_c, server_data=big_s)
+    chunks = to_json_chunks(s)
+    # text, client base64, text, server base64, text: the payloads are not copied into a line
+    assert len(chunks) == 5
+    assert chunks[1] == base64.b64encode(big_c) and chunks[3] == base64.b64encode(big_s)
+    assert len(to_json_chunks(s, "base64", 100)) == 1  # capped small: one chunk
+    assert len(to_json_chunks(s, "none")) == 1
+    for enc in ("base64", "hex", "utf8", "none"):
+        for cap in (None, 0, 1, 5000):
+            assert_same_json(s, enc, cap)
+
+
+def test_base64_is_the_simd_encoder() -> None:
+    # pybase64 is a dependency: the record must not silently fall back to binascii (6x slower)
+    import pybase64
+
+    from streamtap import stream
+
+    assert stream._b64encode is pybase64.b64encode
+
+
+def test_iso_times_across_days_and_before_1970() -> None:
+    for t in (0.0, -1.5, 86399.9999996, 951782400.0, 4102444800.000001, T0, 1e10):
+        s = make_stream(start=t, end=t + 0.0000005)
+        r = to_record(s)
+        assert r["event"]["start"] == time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.gmtime(round(t * 1e6) // 1_000_000)
+        ) + f".{round(t * 1e6) % 1_000_000:06d}Z"
+        assert_same_json(s, "base64", None)
+
+
+_text = st.text(max_size=12)
+_ints = st.integers(min_value=0, max_value=2**63)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> Stream:
+    v6 = draw(st.booleans())
+    addr = st.ip_addresses(v=6 if v6 else 4).map(str)
+    port = st.integers(0, 65535)
+    data = st.one_of(st.binary(max_size=64), st.binary(min_size=1500, max_size=3000))
+    start = draw(st.floats(min_value=-1e9, max_value=4e9, allow_nan=False))
+    gap = st.tuples(_ints, _ints, st.sampled_from(["client", "server"]) | _text)
+    return Stream(
+        client=(draw(addr), draw(port)), server=(draw(addr), draw(port)),
+        client_data=draw(data), server_data=draw(data),
+        close_reason=draw(st.sampled_from(CLOSE_REASONS) | _text),
+        gaps=draw(st.lists(gap, max_size=3)),
+        start=start, end=start + draw(st.floats(min_value=-1, max_value=1e6)),
+        ip_version=6 if v6 else 4,
+        client_packets=draw(_ints), server_packets=draw(_ints),
+        client_rule=draw(_text), history=draw(_text), state=draw(_text),
+        retransmitted_bytes=draw(_ints), overlaps=draw(_ints), truncated=draw(st.booleans()),
+        interface=draw(st.none() | _text),
+        part=draw(_ints), client_offset=draw(_ints), server_offset=draw(_ints),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams(), st.sampled_from(("base64", "hex", "utf8", "none")),
+       st.none() | st.integers(0, 2000))
+def test_direct_writer_equals_json_dumps(s: Stream, encoding: str, cap: int | None) -> None:
+    assert_same_json(s, encoding, cap)
+
+
+def test_direct_writer_equals_json_dumps_on_the_corpus(corpus_dir: Path) -> None:
+    from streamtap import Error, reassemble
+
+    captures = sorted(p for p in (corpus_dir / "pcaps").rglob("*")
+                      if p.suffix in (".pcap", ".pcapng", ".cap") and p.is_file())
+    assert len(captures) > 100
+    n = 0
+    for path in captures:
+        try:
+            got = list(reassemble(str(path)))
+        except Error:  # a damaged capture: the streams before the damage are enough
+            continue
+        for s in got:
+            for enc, cap in (("base64", None), ("base64", 1 << 20), ("hex", 100), ("utf8", None)):
+                assert_same_json(s, enc, cap)
+            n += 1
+    assert n > 1000
