@@ -13,9 +13,9 @@ while the spool holds anything, new records are appended to the spool too, and t
 delivers the spool (oldest first) before taking from the queue again. The spool is written by a
 second thread of the runner (the spool writer), never on the caller's thread: `submit` only
 moves records to an in-memory hand-off list (at most `handoff_max` records, by default
-`queue_max` but at least 1,000; past that the newest are dropped and counted), so neither a stuck sink nor a slow or full disk delays the capture
-path. So records reach the sink
-in submission order, whether they went through the spool or not. A spool left by a previous run
+`queue_max` but at least 1,000; past that the newest are dropped and counted), so neither a
+stuck sink nor a slow or full disk delays the capture path. So records reach the sink in
+submission order, whether they went through the spool or not. A spool left by a previous run
 (same `spool_dir`) is replayed at start, before anything submitted now. Without `spool_dir`,
 records that do not fit the queue are dropped (the newest) and counted. At the spool's size cap
 the OLDEST spooled records are dropped and counted (`Spool`).

@@ -27,7 +27,8 @@ the failed record are cut off again (the segment keeps only whole records), then
 makes room the way the cap does, dropping the OLDEST sealed segments (counted in
 `dropped_records`) and trying again; with nothing left to drop, the new record is dropped and
 counted. Each failed write is counted in `enospc` (full disk) or `write_errors`; the first one
-of an episode is logged, and so is the first append that works again.
+of an episode is logged, and so is its end (the spool grows past the size it had when writes
+began to fail, or is delivered to empty).
 
 Corruption never raises: a record with a bad CRC, an impossible length or a truncated tail ends
 the readable part of its segment; the rest of that segment is skipped, the event is counted in
@@ -97,6 +98,7 @@ class Spool:
         self.enospc = 0  # appends that found the file system full
         self.write_errors = 0  # appends that failed for another reason (EIO ...)
         self._failing = False  # in an episode of failed appends (logged once)
+        self._failed_at = 0  # bytes held when it began: growing past them means room is back
         self._lock = threading.Lock()
         self._segs: list[int] = []  # sorted sequence numbers of existing segments
         self._sizes: dict[int, int] = {}  # complete bytes per segment
@@ -259,7 +261,7 @@ class Spool:
                         continue
                     self.dropped_records += 1
                     return False
-                if self._failing:
+                if self._failing and self._total > self._failed_at:
                     self._failing = False
                     log.warning("spool %s: writing again", self.directory)
                 return True
@@ -304,6 +306,7 @@ class Spool:
             self.enospc += 1
         else:
             self.write_errors += 1
+        self._failed_at = self._total
         if not self._failing:
             self._failing = True
             log.warning("spool %s: cannot write (%s); dropping the oldest records to make "
@@ -337,12 +340,15 @@ class Spool:
     def is_empty(self) -> bool:
         """True when every record appended so far has been committed (or dropped/skipped)."""
         with self._lock:
-            cseq, coff = self._cursor
-            for seq in self._segs:
-                size = self._sizes[seq]
-                if (seq > cseq and size) or (seq == cseq and size > coff):
-                    return False
-            return True
+            return self._empty_locked()
+
+    def _empty_locked(self) -> bool:
+        cseq, coff = self._cursor
+        for seq in self._segs:
+            size = self._sizes[seq]
+            if (seq > cseq and size) or (seq == cseq and size > coff):
+                return False
+        return True
 
     def end_token(self) -> Token:
         """The position after the last appended record: committing it skips everything."""
@@ -454,6 +460,9 @@ class Spool:
             self._cursor = (seq, off)
             while self._segs and self._segs[0] < seq:
                 self._remove(self._segs[0])
+            if self._failing and self._empty_locked():
+                self._failing = False  # the backlog is out: the episode is over
+                log.warning("spool %s: delivered; writing again", self.directory)
             try:
                 self._write_cursor()
             except OSError as exc:
