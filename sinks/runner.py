@@ -139,6 +139,7 @@ class SinkRunner:
         self._overflow: deque[Stream] = deque()
         self._spill_batch: _Batch | None = None
         self._spool_busy = 0
+        self._spool_gen = 0  # write passes of the spool writer
         self._spooler: threading.Thread | None = None
         self._spooler_stop = False
         self._inflight: _Batch | None = None
@@ -242,12 +243,14 @@ class SinkRunner:
                     tok = spool.end_token()
                     with cond:
                         self.counts["spooled"] += n
+                        self._spool_gen += 1
                         b.token = tok
                         cond.notify_all()
                 n = self._append_all(items)
                 with cond:
                     self.counts["spooled"] += n
                     self._spool_busy = 0
+                    self._spool_gen += 1
                     cond.notify_all()
         except Exception:
             log.exception("sink %s: spool writer failed", getattr(self.sink, "name", "?"))
@@ -371,11 +374,10 @@ class SinkRunner:
         finally:
             it.close()
         if item is None:
-            with self._cond:
-                if spool.is_empty() and self._spool_idle_locked():
-                    self._spooling = False
-                elif not self._gave_up():
-                    self._cond.wait(0.2)  # the spool writer is on it
+            if not self._end_spooling():
+                with self._cond:
+                    if not self._gave_up() and not self._spool_idle_locked():
+                        self._cond.wait(0.2)  # the spool writer is on it
             return _Batch([], None, False)
         payloads, token = item
         streams: list[Stream] = []
@@ -482,20 +484,21 @@ class SinkRunner:
                 with self._cond:
                     if self._abandoned:
                         return
-                    if done:
-                        # a batch handed to the spool writer: wait for its spool position,
-                        # so that the cursor skips it (a short local write)
-                        while (b.spooling and b.token is None and self._spooler is not None
-                               and self._spooler.is_alive()):
-                            self._cond.wait(0.2)
-                        if b.token is not None and self._spool is not None:
-                            self._spool.commit(b.token)
-                            if (self._spooling and self._spool_idle_locked()
-                                    and self._spool.is_empty()):
-                                self._spooling = False
-                        self._inflight = None
-                    else:
+                    if not done:
                         break
+                    # a batch handed to the spool writer: wait for its spool position, so
+                    # that the cursor skips it (a short local write)
+                    while (b.spooling and b.token is None and self._spooler is not None
+                           and self._spooler.is_alive()):
+                        self._cond.wait(0.2)
+                    token = b.token
+                if token is not None and self._spool is not None:
+                    # not under self._cond: the spool's lock may wait for the spool writer's
+                    # disk, and submit must never wait for that
+                    self._spool.commit(token)
+                    self._end_spooling()
+                with self._cond:
+                    self._inflight = None
         except Exception:
             log.exception("sink %s: runner thread failed", getattr(self.sink, "name", "?"))
             self.healthy = False
@@ -510,6 +513,21 @@ class SinkRunner:
             self._spill_locked()
             self._inflight = None
         self._finish_sink()
+
+    def _end_spooling(self) -> bool:
+        """Back to the queue once the spool is delivered and nothing is on its way there. The
+        spool is asked outside self._cond (see _run); `_spool_gen` tells whether the spool
+        writer appended meanwhile."""
+        spool = self._spool
+        with self._cond:
+            if not self._spooling:
+                return True
+            gen = self._spool_gen
+        empty = spool is not None and spool.is_empty()
+        with self._cond:
+            if empty and gen == self._spool_gen and self._spool_idle_locked():
+                self._spooling = False
+            return not self._spooling
 
     def _stop_spooler(self, timeout: float | None = None) -> None:
         """Let the spool writer write what it holds, then end it."""
