@@ -136,6 +136,8 @@ _OTHER: tuple[tuple[str, str, str, str, str], ...] = (
      "Batches or records waiting in a sink's queue."),
     ("streamtap_sink_healthy", "gauge", "sink", "sinks[].healthy",
      "1 if the sink reports healthy."),
+    ("streamtap_sink_enospc", "counter", "sink", "sinks[].enospc",
+     "Writes of a sink or its spool that found the file system full (ENOSPC, EDQUOT)."),
     ("streamtap_worker_restarts", "counter", "", "worker_restarts",
      "Worker processes restarted after dying."),
     ("streamtap_uptime_seconds", "gauge", "", "uptime", "Seconds since the daemon started."),
@@ -205,6 +207,8 @@ def families(state: Mapping[str, Any]) -> list[Metric]:
                               _DOC["streamtap_sink_queue_depth"][2], labels=["sink"])
     healthy = GaugeMetricFamily("streamtap_sink_healthy", _DOC["streamtap_sink_healthy"][2],
                                 labels=["sink"])
+    enospc = CounterMetricFamily("streamtap_sink_enospc", _DOC["streamtap_sink_enospc"][2],
+                                 labels=["sink"])
     seen: set[str] = set()
     for i, s in enumerate(state.get("sinks") or ()):
         name = str(s.get("name") or s.get("type") or f"sink{i}")
@@ -218,7 +222,8 @@ def families(state: Mapping[str, Any]) -> list[Metric]:
             records.add_metric([name, str(result)], _num(n))
         depth.add_metric([name], _num(s.get("queue_depth")))
         healthy.add_metric([name], 1.0 if s.get("healthy", True) else 0.0)
-    out += [records, depth, healthy]
+        enospc.add_metric([name], _num(s.get("enospc")))
+    out += [records, depth, healthy, enospc]
 
     out.append(CounterMetricFamily("streamtap_worker_restarts",
                                    _DOC["streamtap_worker_restarts"][2],

@@ -45,19 +45,22 @@ def describe_error(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class Result:
     """What `Sink.write` returns: every record of the batch stored (`ok`); try the whole batch
-    again later (`retry`, optionally after `after` seconds); or never (`fatal`, with why)."""
+    again later (`retry`, optionally after `after` seconds); or never (`fatal`, with why).
+    `errno` is the OS error behind a retry, when there is one (the runner counts ENOSPC)."""
 
     status: str
     after: float | None = None
     error: str | None = None
+    errno: int | None = None
 
     @classmethod
     def ok(cls) -> Result:
         return cls(OK)
 
     @classmethod
-    def retry(cls, after: float | None = None, error: str | None = None) -> Result:
-        return cls(RETRY, after, error)
+    def retry(cls, after: float | None = None, error: str | None = None,
+              errno: int | None = None) -> Result:
+        return cls(RETRY, after, error, errno)
 
     @classmethod
     def fatal(cls, error: str) -> Result:

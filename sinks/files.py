@@ -227,7 +227,7 @@ class FilesSink(Sink):
             self._ongoing = ongoing_before
             self.errors += 1
             self.last_error = f"{exc.filename or self.dir}: {exc.strerror or exc}"
-            return Result.retry(error=self.last_error)
+            return Result.retry(error=self.last_error, errno=exc.errno)
         self.streams += len(batch)
         return Result.ok()
 

@@ -201,7 +201,7 @@ class JsonlSink(Sink):
             self._maybe_rotate(sum(len(b) for chunk in chunks for b in chunk))
         except OSError as exc:
             self._close_quietly()
-            return self._fail(Result.retry(error=_describe(exc, self.path)))
+            return self._fail(Result.retry(error=_describe(exc, self.path), errno=exc.errno))
         start = self._size
         try:
             for chunk in chunks:
@@ -213,7 +213,7 @@ class JsonlSink(Sink):
         except OSError as exc:
             self._undo(start)
             self._close_quietly()
-            return self._fail(Result.retry(error=_describe(exc, self.path)))
+            return self._fail(Result.retry(error=_describe(exc, self.path), errno=exc.errno))
         self.records += len(batch)
         return Result.ok()
 

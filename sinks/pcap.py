@@ -330,7 +330,7 @@ class PcapSink(Sink):
             self._rollback(undo)
             self.errors += 1
             self.last_error = f"{exc.filename or self.dir}: {exc.strerror or exc}"
-            return Result.retry(error=self.last_error)
+            return Result.retry(error=self.last_error, errno=exc.errno)
         if problems:
             self.errors += 1
             self.last_error = problems[0]

@@ -10,8 +10,12 @@ failed, logs why, and moves on. The sink is opened lazily; an OSError from `open
 Disk spool (F4). When the queue is full, the queue (and the batch the thread holds, if it came
 from the queue) is moved to the spool, oldest first, followed by the new records; from then on,
 while the spool holds anything, new records are appended to the spool too, and the thread
-delivers the spool (oldest first) before taking from the queue again. So records reach the sink
-in submission order, whether they went through the spool or not. A spool left by a previous run
+delivers the spool (oldest first) before taking from the queue again. The spool is written by a
+second thread of the runner (the spool writer), never on the caller's thread: `submit` only
+moves records to an in-memory hand-off list (at most `handoff_max` records, by default
+`queue_max` but at least 1,000; past that the newest are dropped and counted), so neither a
+stuck sink nor a slow or full disk delays the capture path. So records reach the sink in
+submission order, whether they went through the spool or not. A spool left by a previous run
 (same `spool_dir`) is replayed at start, before anything submitted now. Without `spool_dir`,
 records that do not fit the queue are dropped (the newest) and counted. At the spool's size cap
 the OLDEST spooled records are dropped and counted (`Spool`).
@@ -19,13 +23,18 @@ the OLDEST spooled records are dropped and counted (`Spool`).
 Delivery guarantees: in order, and at-least-once for every record that reached the spool: the
 spool cursor is committed after each delivered batch, so a crash re-delivers at most the batch
 being written (a few with a stuck sink at `stop`, see below). Records still in memory (queue,
-the batch in hand) are lost if the process dies without `stop`. Sinks are expected to be
-idempotent on replays (CouchDB: deterministic `_id`, a 409 means "already stored").
+the batch in hand, the hand-off list) are lost if the process dies without `stop`. Sinks are
+expected to be idempotent on replays (CouchDB: deterministic `_id`, a 409 means "already stored").
 
 `stop(timeout)` delivers what it can until the deadline, then spools what is left (or drops and
 counts it without a spool), then calls the sink's `flush` and `close` from the runner thread. If
 the thread is stuck inside the sink past the deadline, `stop` spools the queue and the batch in
 hand itself (that batch may then be delivered twice) and leaves the sink unclosed.
+
+Failures are logged once per episode (STYLE S3: a counter per event, not a log line): the first
+failed attempt, any later one whose error differs, and the attempt that works again. Every
+failed attempt on a full file system (ENOSPC, EDQUOT: the sink's or the spool's) counts in
+`enospc` (`/status` sinks[].enospc, metric `streamtap_sink_enospc_total`).
 """
 
 from __future__ import annotations
@@ -41,9 +50,9 @@ from typing import Any
 
 from streamtap.stream import Stream
 
-from .base import FATAL, OK, Result, Sink, SinkError, describe_error
+from .base import FATAL, OK, RETRY, Result, Sink, SinkError, describe_error
 from .codec import decode, encode
-from .spool import Spool, Token
+from .spool import DISK_FULL, Spool, Token
 
 __all__ = ["SinkRunner", "backoff_full_jitter"]
 
@@ -51,6 +60,9 @@ log = logging.getLogger("streamtap.sinks")
 
 # How long `stop` waits past its timeout for the thread to spool the rest and close the sink.
 STOP_GRACE = 1.0
+# Spool segments: 1/16 of the cap (so a full disk or the cap drops a sixteenth at a time), at
+# least 64 KiB, at most 16 MiB.
+SEGMENT_MIN, SEGMENT_MAX = 64 << 10, 16 << 20
 
 
 def backoff_full_jitter(base: float, cap: float, attempt: int, rng: random.Random) -> float:
@@ -70,12 +82,13 @@ def _payload_len(s: Stream) -> int:
 class _Batch:
     """A batch in the thread's hands: where it came from and how to mark it delivered."""
 
-    __slots__ = ("streams", "token", "from_queue")
+    __slots__ = ("streams", "token", "from_queue", "spooling")
 
     def __init__(self, streams: list[Stream], token: Token | None, from_queue: bool) -> None:
         self.streams = streams
         self.token = token  # spool position after the batch, once it is in the spool
         self.from_queue = from_queue
+        self.spooling = False  # handed to the spool writer: it sets `token` once written
 
 
 class SinkRunner:
@@ -93,6 +106,7 @@ class SinkRunner:
         backoff_base: float = 0.5,
         backoff_cap: float = 60.0,
         spool_max_bytes: int = 1 << 30,
+        handoff_max: int | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
@@ -103,6 +117,7 @@ class SinkRunner:
             raise ValueError("batch_age, backoff_base and backoff_cap must be >= 0")
         self.sink = sink
         self.queue_max = queue_max
+        self.handoff_max = handoff_max if handoff_max is not None else max(queue_max, 1000)
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
         self.batch_age = batch_age
@@ -111,12 +126,22 @@ class SinkRunner:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._sleep_fn = sleep
-        self._spool = Spool(spool_dir, max_bytes=spool_max_bytes) if spool_dir else None
+        segment = min(SEGMENT_MAX, max(SEGMENT_MIN, spool_max_bytes // 16))
+        self._spool = (Spool(spool_dir, max_bytes=spool_max_bytes, segment_bytes=segment)
+                       if spool_dir else None)
         self._cond = threading.Condition()
         self._queue: deque[tuple[Stream, int, float]] = deque()
         self._queue_bytes = 0
         # True while the spool holds undelivered records: new records go there too.
         self._spooling = self._spool is not None and not self._spool.is_empty()
+        # records on their way to the spool (the spool writer's hand-off list), oldest first;
+        # the batch in hand to spool first (set at the spill); records being written now
+        self._overflow: deque[Stream] = deque()
+        self._spill_batch: _Batch | None = None
+        self._spool_busy = 0
+        self._spool_gen = 0  # write passes of the spool writer
+        self._spooler: threading.Thread | None = None
+        self._spooler_stop = False
         self._inflight: _Batch | None = None
         self._in_sink = False
         self._opened = False
@@ -132,6 +157,8 @@ class SinkRunner:
         self.counts = {"ok": 0, "retried": 0, "failed": 0, "spooled": 0, "dropped": 0}
         self.backoffs: list[float] = []  # the most recent delays, for tests and /status
         self.decode_errors = 0
+        self.enospc = 0  # failed sink attempts on a full file system (the spool counts its own)
+        self._episode: tuple[float, int, str | None] | None = None  # (since, attempts, logged)
 
     # -- capture side -------------------------------------------------------------------------
 
@@ -139,6 +166,10 @@ class SinkRunner:
         if self._thread is not None:
             raise RuntimeError("runner already started")
         name = getattr(self.sink, "name", "sink")
+        if self._spool is not None:
+            self._spooler = threading.Thread(target=self._spool_loop, name=f"spool-{name}",
+                                             daemon=True)
+            self._spooler.start()
         self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
         self._thread.start()
 
@@ -149,10 +180,11 @@ class SinkRunner:
         now = self._clock()
         with self._cond:
             if self._closed:
+                # after stop (shutdown): the spool writer is gone, write here
                 self._to_spool_locked(streams)
                 return
             if self._spooling:
-                self._to_spool_locked(streams)
+                self._hand_off_locked(streams)
                 return
             if len(self._queue) + len(streams) <= self.queue_max:
                 q = self._queue
@@ -160,15 +192,89 @@ class SinkRunner:
                     n = _payload_len(s)
                     q.append((s, n, now))
                     self._queue_bytes += n
-                self._cond.notify()
+                self._cond.notify_all()
                 return
             if self._spool is None:
                 self.counts["dropped"] += len(streams)
                 return
-            # Queue full: everything older goes to the spool first, to keep the order.
-            self._spill_locked()
-            self._to_spool_locked(streams)
-            self._cond.notify()
+            # Queue full: everything older goes to the spool first, to keep the order: the
+            # batch in hand (unless delivered meanwhile), the queue, then the new records.
+            self._spooling = True
+            b = self._inflight
+            if b is not None and b.from_queue and b.token is None:
+                b.spooling = True
+                self._spill_batch = b
+            self._overflow.extend(s for s, _, _ in self._queue)
+            self._queue.clear()
+            self._queue_bytes = 0
+            self._overflow.extend(streams)
+            self._cond.notify_all()
+
+    def _hand_off_locked(self, streams: list[Stream]) -> None:
+        room = self.handoff_max - len(self._overflow)
+        if room < len(streams):  # the spool writer is behind (a slow disk): drop the newest
+            self.counts["dropped"] += len(streams) - max(0, room)
+            streams = streams[:max(0, room)]
+        self._overflow.extend(streams)
+        self._cond.notify_all()
+
+    # -- spool writer thread ------------------------------------------------------------------
+
+    def _spool_loop(self) -> None:
+        spool = self._spool
+        assert spool is not None
+        cond = self._cond
+        try:
+            while True:
+                with cond:
+                    while (not self._overflow and self._spill_batch is None
+                           and not self._spooler_stop):
+                        cond.wait()
+                    b, self._spill_batch = self._spill_batch, None
+                    if b is not None and b is not self._inflight:
+                        b = None  # stop spooled or dropped it meanwhile
+                    items = list(self._overflow)
+                    self._overflow.clear()
+                    if b is None and not items:
+                        return  # stopping, nothing left
+                    self._spool_busy = len(items) + (len(b.streams) if b is not None else 0)
+                if b is not None:
+                    n = self._append_all(b.streams)
+                    tok = spool.end_token()
+                    with cond:
+                        self.counts["spooled"] += n
+                        self._spool_gen += 1
+                        b.token = tok
+                        cond.notify_all()
+                n = self._append_all(items)
+                with cond:
+                    self.counts["spooled"] += n
+                    self._spool_busy = 0
+                    self._spool_gen += 1
+                    cond.notify_all()
+        except Exception:
+            log.exception("sink %s: spool writer failed", getattr(self.sink, "name", "?"))
+            with cond:
+                self._spool_busy = 0
+                cond.notify_all()
+
+    def _append_all(self, streams: Iterable[Stream]) -> int:
+        """Append to the spool; the number appended (the spool counts what it drops)."""
+        spool = self._spool
+        assert spool is not None
+        n = 0
+        for s in streams:
+            try:
+                if spool.append(encode(s)):
+                    n += 1
+            except ValueError:  # closed under us (stop gave up): counted as dropped
+                with self._cond:
+                    self.counts["dropped"] += 1
+        return n
+
+    def _spool_idle_locked(self) -> bool:
+        """Nothing on its way to the spool."""
+        return not self._overflow and not self._spool_busy and self._spill_batch is None
 
     # -- spool helpers (caller holds self._cond) ----------------------------------------------
 
@@ -179,16 +285,17 @@ class SinkRunner:
             return
         n = 0
         for s in streams:
-            spool.append(encode(s))
-            n += 1
+            if spool.append(encode(s)):
+                n += 1
         self.counts["spooled"] += n
         self._spooling = True
 
     def _spill_locked(self) -> None:
-        """Move the batch in hand (if from the queue and not yet spooled) and the queue to the
-        spool, in that order. Only called while the spool is empty of undelivered records."""
+        """At the end: move the batch in hand (if from the queue and not yet spooled), the queue
+        and what the spool writer did not take to the spool, in that order. A batch in hand
+        from the queue is older than the rest (the spool writer had none: see `submit`)."""
         b = self._inflight
-        if b is not None and b.from_queue and b.token is None:
+        if b is not None and b.from_queue and b.token is None and not b.spooling:
             self._to_spool_locked(b.streams)
             if self._spool is not None:
                 b.token = self._spool.end_token()
@@ -196,6 +303,9 @@ class SinkRunner:
             self._to_spool_locked(s for s, _, _ in self._queue)
             self._queue.clear()
             self._queue_bytes = 0
+        if self._overflow:
+            self._to_spool_locked(list(self._overflow))
+            self._overflow.clear()
 
     # -- runner thread ------------------------------------------------------------------------
 
@@ -264,9 +374,10 @@ class SinkRunner:
         finally:
             it.close()
         if item is None:
-            with self._cond:
-                if spool.is_empty():
-                    self._spooling = False
+            if not self._end_spooling():
+                with self._cond:
+                    if not self._gave_up() and not self._spool_idle_locked():
+                        self._cond.wait(0.2)  # the spool writer is on it
             return _Batch([], None, False)
         payloads, token = item
         streams: list[Stream] = []
@@ -293,12 +404,13 @@ class SinkRunner:
                     # was sent, so keep the records (queue, then spool) and retry with backoff
                     # until the operator fixes it, rather than dropping every batch as failed.
                     # _deliver logs it, once per attempt, as one line (no traceback).
-                    return Result.retry(None, f"open: {describe_error(exc)}")
+                    return Result.retry(None, f"open: {describe_error(exc)}",
+                                        getattr(exc, "errno", None))
                 self._opened = True
             try:
                 res = self.sink.write(batch)
             except OSError as exc:
-                return Result.retry(None, f"write: {describe_error(exc)}")
+                return Result.retry(None, f"write: {describe_error(exc)}", exc.errno)
             except SinkError as exc:  # stated by the sink: one line, not a traceback
                 return Result.fatal(f"write: {describe_error(exc)}")
             except Exception as exc:  # a bug in the sink: do not retry it forever
@@ -321,6 +433,11 @@ class SinkRunner:
             if self._abandoned:
                 return False
             n = len(b.streams)
+            if res.status != RETRY and self._episode is not None:
+                since, tries, _ = self._episode
+                self._episode = None
+                log.warning("sink %s: answering again after %d failed attempt(s) in %.1f s",
+                            name, tries, time.monotonic() - since)
             if res.status == OK:
                 self.counts["ok"] += n
                 self.healthy = True
@@ -333,6 +450,8 @@ class SinkRunner:
             self.counts["retried"] += n
             self.healthy = False
             self.last_error = res.error
+            if res.errno in DISK_FULL:
+                self.enospc += 1
             if self._gave_up():
                 return False
             delay = backoff_full_jitter(self.backoff_base, self.backoff_cap, attempt, self._rng)
@@ -340,7 +459,16 @@ class SinkRunner:
                 delay = max(delay, min(res.after, self.backoff_cap))
             self.backoffs.append(delay)
             del self.backoffs[:-64]
-            log.warning("sink %s: retry %d in %.2f s: %s", name, attempt + 1, delay, res.error)
+            # once per episode: the first failure, and any later one that says something new
+            since, tries, logged = self._episode or (time.monotonic(), 0, None)
+            if tries == 0 or res.error != logged:
+                logged = res.error
+                log.warning("sink %s: retry %d in %.2f s: %s", name, attempt + 1, delay,
+                            res.error)
+            else:
+                log.debug("sink %s: retry %d in %.2f s: %s", name, attempt + 1, delay,
+                          res.error)
+            self._episode = (since, tries + 1, logged)
             self._sleep(delay)
             if self._gave_up():
                 return False
@@ -356,14 +484,21 @@ class SinkRunner:
                 with self._cond:
                     if self._abandoned:
                         return
-                    if done:
-                        if b.token is not None and self._spool is not None:
-                            self._spool.commit(b.token)
-                            if self._spooling and self._spool.is_empty():
-                                self._spooling = False
-                        self._inflight = None
-                    else:
+                    if not done:
                         break
+                    # a batch handed to the spool writer: wait for its spool position, so
+                    # that the cursor skips it (a short local write)
+                    while (b.spooling and b.token is None and self._spooler is not None
+                           and self._spooler.is_alive()):
+                        self._cond.wait(0.2)
+                    token = b.token
+                if token is not None and self._spool is not None:
+                    # not under self._cond: the spool's lock may wait for the spool writer's
+                    # disk, and submit must never wait for that
+                    self._spool.commit(token)
+                    self._end_spooling()
+                with self._cond:
+                    self._inflight = None
         except Exception:
             log.exception("sink %s: runner thread failed", getattr(self.sink, "name", "?"))
             self.healthy = False
@@ -371,9 +506,37 @@ class SinkRunner:
             if self._abandoned:
                 return
             self._closed = True
+        self._stop_spooler()
+        with self._cond:
+            if self._abandoned:
+                return
             self._spill_locked()
             self._inflight = None
         self._finish_sink()
+
+    def _end_spooling(self) -> bool:
+        """Back to the queue once the spool is delivered and nothing is on its way there. The
+        spool is asked outside self._cond (see _run); `_spool_gen` tells whether the spool
+        writer appended meanwhile."""
+        spool = self._spool
+        with self._cond:
+            if not self._spooling:
+                return True
+            gen = self._spool_gen
+        empty = spool is not None and spool.is_empty()
+        with self._cond:
+            if empty and gen == self._spool_gen and self._spool_idle_locked():
+                self._spooling = False
+            return not self._spooling
+
+    def _stop_spooler(self, timeout: float | None = None) -> None:
+        """Let the spool writer write what it holds, then end it."""
+        with self._cond:
+            self._spooler_stop = True
+            self._cond.notify_all()
+        t = self._spooler
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
 
     def _finish_sink(self) -> None:
         name = getattr(self.sink, "name", "?")
@@ -416,16 +579,21 @@ class SinkRunner:
                 self._abandoned = True
                 self._closed = True
                 b = self._inflight
-                if b is not None and b.from_queue and b.token is None:
+                if b is not None and b.from_queue and b.token is None and not b.spooling:
                     self._to_spool_locked(b.streams)
                 if self._queue:
                     self._to_spool_locked(s for s, _, _ in self._queue)
                     self._queue.clear()
                     self._queue_bytes = 0
+        if stuck:
+            self._stop_spooler(STOP_GRACE * 5)
+            with self._cond:
+                if self._overflow:
+                    self._to_spool_locked(list(self._overflow))
+                    self._overflow.clear()
                 if self._spool is not None:
                     self._spool.close()
                     self._spool_closed = True
-        if stuck:
             log.error("sink %s: still inside the sink %.1f s after stop; spooled the rest, "
                       "sink left open", getattr(self.sink, "name", "?"), timeout)
         else:
@@ -437,9 +605,11 @@ class SinkRunner:
         spool = self._spool
         records = dict(self.counts)
         spool_bytes = 0
+        enospc = self.enospc
         if spool is not None:
             records["dropped"] += spool.dropped_records
             spool_bytes = spool.size_bytes
+            enospc += spool.enospc
         t = self._thread
         out: dict[str, Any] = {
             "name": getattr(self.sink, "name", "?"),
@@ -447,7 +617,9 @@ class SinkRunner:
             "healthy": self.healthy and (t is None or t.is_alive() or self._closed),
             "queue_depth": len(self._queue),
             "spool_bytes": spool_bytes,
+            "spool_pending": len(self._overflow) + self._spool_busy,
             "records": records,
+            "enospc": enospc,
             "last_error": self.last_error,
             "spool_corrupt": spool.corrupt_records if spool is not None else 0,
         }

@@ -13,12 +13,22 @@ tail of the previous run stays where it is) and delivery resumes at the cursor.
 Durability: every `append` is flushed to the OS (a crash of the process loses nothing); a
 segment is fsynced when it rolls and at `close` (a power loss may lose the head's last records).
 `commit` writes the cursor atomically (temp file, fsync, `os.replace`), so after a crash at most
-the batches read but not yet committed are read again: at-least-once delivery.
+the batches read but not yet committed are read again: at-least-once delivery. (On a full disk
+the cursor file may not be writable: it then stays in memory until a later commit can write it,
+and a crash meanwhile replays from the last one written.)
 
 The cap (`max_bytes`, bytes of segment files on disk) is enforced by dropping the OLDEST
 segments, whole, before an append would exceed it (Vector's `when_full` as a fixed, documented
 choice: drop oldest, so the spool keeps the most recent data); the undelivered records they held
 are counted in `dropped_records`. A single record larger than `max_bytes` is dropped and counted.
+
+A full disk (ENOSPC, EDQUOT) or another write error never raises either: the torn bytes of
+the failed record are cut off again (the segment keeps only whole records), then the spool
+makes room the way the cap does, dropping the OLDEST sealed segments (counted in
+`dropped_records`) and trying again; with nothing left to drop, the new record is dropped and
+counted. Each failed write is counted in `enospc` (full disk) or `write_errors`; the first one
+of an episode is logged, and so is its end (the spool grows past the size it had when writes
+began to fail, or is delivered to empty).
 
 Corruption never raises: a record with a bad CRC, an impossible length or a truncated tail ends
 the readable part of its segment; the rest of that segment is skipped, the event is counted in
@@ -32,6 +42,7 @@ run concurrently; the reader only reads bytes the writer has completely written.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import os
@@ -51,6 +62,8 @@ SEGMENT_SUFFIX = ".seg"
 CURSOR_NAME = ".cursor"
 _SEGMENT_RE = re.compile(r"^(\d{12})\.seg$")
 _READ_BUFFER = 1 << 20
+# "the file system is full" in its two forms: no blocks left, or the user's quota spent
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 Token = tuple[int, int]
 """A position in the spool: (segment sequence number, byte offset in that segment)."""
@@ -82,6 +95,10 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.dropped_records = 0
         self.corrupt_records = 0
+        self.enospc = 0  # appends that found the file system full
+        self.write_errors = 0  # appends that failed for another reason (EIO ...)
+        self._failing = False  # in an episode of failed appends (logged once)
+        self._failed_at = 0  # bytes held when it began: growing past them means room is back
         self._lock = threading.Lock()
         self._segs: list[int] = []  # sorted sequence numbers of existing segments
         self._sizes: dict[int, int] = {}  # complete bytes per segment
@@ -178,13 +195,18 @@ class Spool:
 
     def _roll(self) -> None:
         if self._head_file is not None:
-            self._head_file.flush()
-            os.fsync(self._head_file.fileno())
-            self._head_file.close()
-            self._head_file = None
+            f, self._head_file = self._head_file, None
+            try:
+                os.fsync(f.fileno())
+            except OSError:
+                pass  # the records were written; a power loss may lose them (as at close)
+            f.close()
+        self._head = None  # until the new segment exists (its open may fail: ENOSPC, EMFILE)
         seq = self._next_seq
         self._next_seq += 1
-        self._head_file = open(self._path(seq), "wb")  # noqa: SIM115 (held open)
+        # unbuffered: a failed write must not stay in a buffer and come out later, after a
+        # record written when space came back
+        self._head_file = open(self._path(seq), "wb", buffering=0)  # noqa: SIM115 (held open)
         self._head = seq
         self._segs.append(seq)
         self._sizes[seq] = 0
@@ -206,8 +228,9 @@ class Spool:
 
     # -- writer ---------------------------------------------------------------------------------
 
-    def append(self, payload: bytes) -> None:
-        """Add one record at the end. Raises ValueError once closed."""
+    def append(self, payload: bytes) -> bool:
+        """Add one record at the end; False when it was dropped (counted). Raises ValueError
+        once closed, never OSError (see the module docstring)."""
         rec = HEADER.pack(len(payload), zlib.crc32(payload)) + payload
         n = len(rec)
         with self._lock:
@@ -217,20 +240,78 @@ class Spool:
                 self.dropped_records += 1
                 log.warning("spool %s: record of %d bytes exceeds max_bytes %d; dropped",
                             self.directory, n, self.max_bytes)
-                return
+                return False
             while self._segs and self._total + n > self.max_bytes:
                 if self._segs[0] == self._head:
-                    self._roll()  # the head is the oldest: seal it so it can go
+                    self._roll_quietly()  # the head is the oldest: seal it so it can go
                 self._drop_oldest()
+            while True:
+                try:
+                    self._write_locked(rec)
+                except OSError as exc:
+                    self._write_failed(exc)
+                    # room the way the cap makes it: the oldest sealed segment goes; a head
+                    # holding records is sealed first, so that it can go too
+                    head = self._head
+                    if head is not None and self._segs and self._segs[0] == head \
+                            and self._sizes[head]:
+                        self._roll_quietly()
+                    if self._segs and self._segs[0] != self._head:
+                        self._drop_oldest()
+                        continue
+                    self.dropped_records += 1
+                    return False
+                if self._failing and self._total > self._failed_at:
+                    self._failing = False
+                    log.warning("spool %s: writing again", self.directory)
+                return True
+
+    def _write_locked(self, rec: bytes) -> None:
+        n = len(rec)
+        head = self._head
+        if head is None or (self._sizes[head] and self._sizes[head] + n > self.segment_bytes):
+            self._roll()
             head = self._head
-            if head is None or (self._sizes[head] and self._sizes[head] + n > self.segment_bytes):
-                self._roll()
-                head = self._head
-            assert head is not None and self._head_file is not None
-            self._head_file.write(rec)
-            self._head_file.flush()
-            self._sizes[head] += n
-            self._total += n
+        assert head is not None and self._head_file is not None
+        f = self._head_file
+        try:
+            view = memoryview(rec)
+            while view:
+                k = f.write(view)
+                if not k:  # unbuffered FileIO: None would mean EAGAIN, not on a file
+                    raise OSError(errno.EIO, "short write", self._path(head))
+                view = view[k:]
+        except OSError:
+            try:  # cut the torn record off: the segment holds whole records only
+                f.truncate(self._sizes[head])
+                f.seek(self._sizes[head])
+            except OSError:
+                # cannot cut it: seal the segment where its whole records end (readers stop
+                # at _sizes) and write on in a new one
+                self._roll_quietly()
+            raise
+        self._sizes[head] += n
+        self._total += n
+
+    def _roll_quietly(self) -> None:
+        try:
+            self._roll()
+        except OSError as exc:  # no new segment file: the next append tries again
+            self._head = None
+            self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        full = exc.errno in DISK_FULL
+        if full:
+            self.enospc += 1
+        else:
+            self.write_errors += 1
+        self._failed_at = self._total
+        if not self._failing:
+            self._failing = True
+            log.warning("spool %s: cannot write (%s); dropping the oldest records to make "
+                        "room, else the new ones, until it works again", self.directory,
+                        exc.strerror or exc)
 
     def close(self) -> None:
         """fsync and close the head; an empty head segment is removed. Idempotent."""
@@ -239,10 +320,12 @@ class Spool:
                 return
             self._closed = True
             if self._head_file is not None:
-                self._head_file.flush()
-                os.fsync(self._head_file.fileno())
-                self._head_file.close()
-                self._head_file = None
+                f, self._head_file = self._head_file, None
+                try:
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    log.warning("spool %s: fsync at close: %s", self.directory, exc)
+                f.close()
                 head = self._head
                 if head is not None and self._sizes.get(head) == 0 and self._cursor[0] != head:
                     self._remove(head)
@@ -257,12 +340,15 @@ class Spool:
     def is_empty(self) -> bool:
         """True when every record appended so far has been committed (or dropped/skipped)."""
         with self._lock:
-            cseq, coff = self._cursor
-            for seq in self._segs:
-                size = self._sizes[seq]
-                if (seq > cseq and size) or (seq == cseq and size > coff):
-                    return False
-            return True
+            return self._empty_locked()
+
+    def _empty_locked(self) -> bool:
+        cseq, coff = self._cursor
+        for seq in self._segs:
+            size = self._sizes[seq]
+            if (seq > cseq and size) or (seq == cseq and size > coff):
+                return False
+        return True
 
     def end_token(self) -> Token:
         """The position after the last appended record: committing it skips everything."""
@@ -374,4 +460,16 @@ class Spool:
             self._cursor = (seq, off)
             while self._segs and self._segs[0] < seq:
                 self._remove(self._segs[0])
-            self._write_cursor()
+            if self._failing and self._empty_locked():
+                self._failing = False  # the backlog is out: the episode is over
+                log.warning("spool %s: delivered; writing again", self.directory)
+            try:
+                self._write_cursor()
+            except OSError as exc:
+                # a full disk: the cursor stays in memory (a restart would replay from the
+                # last cursor written: at-least-once) and the next commit writes it
+                self._write_failed(exc)
+                try:
+                    os.unlink(os.path.join(self.directory, CURSOR_NAME + ".tmp"))
+                except OSError:
+                    pass

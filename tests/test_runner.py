@@ -214,6 +214,7 @@ def test_sink_failures_are_one_log_line_without_traceback(caplog):
     assert lines == [
         f"sink fake: retry 1 in {d1:.2f} s: open: /x/out: No such file or directory",
         f"sink fake: retry 2 in {d2:.2f} s: open: server said: HTTP 401 unauthorized",
+        "sink fake: answering again after 2 failed attempt(s) in 0.0 s",
         "sink fake: 1 records failed: write: server said: HTTP 400 bad_request",
     ]
 
@@ -306,7 +307,7 @@ def test_submit_never_blocks_on_a_slow_sink(tmp_path):
     # 10,000th record did not fit the queue and went to the spool.
     assert inside.is_set() and not release.is_set()
     st = r.stats()
-    assert st["queue_depth"] + st["records"]["spooled"] == 10_000
+    assert st["queue_depth"] + st["spool_pending"] + st["records"]["spooled"] == 10_000
     release.set()
     sink.wait_for(10_001)
     r.stop(5)
@@ -427,3 +428,34 @@ def test_stats_keep_runner_counts_when_the_sink_reports_same_keys() -> None:
     st = r.stats()
     assert isinstance(st["records"], dict) and st["records"]["ok"] == 0
     assert st["healthy"] is True and st["path"] == "/x"
+
+
+def test_spool_writes_never_run_on_the_submitting_thread(tmp_path, monkeypatch):
+    """A stuck sink and a slow disk: with the queue full, submit only hands records over; the
+    runner's own spool writer appends them (the caller never waits for the disk)."""
+    release = threading.Event()
+    sink = FakeSink(lambda batch, call: Result.ok() if release.wait(WAIT) else Result.retry())
+    real_append = Spool.append
+    writers: set[str] = set()
+
+    def slow_append(self, payload):
+        writers.add(threading.current_thread().name)
+        time.sleep(0.002)
+        return real_append(self, payload)
+
+    monkeypatch.setattr(Spool, "append", slow_append)
+    r = SinkRunner(sink, spool_dir=str(tmp_path), queue_max=10, batch_records=5,
+                   batch_age=0.01)
+    r.start()
+    t = time.monotonic()
+    for i in range(1000):
+        r.submit([mk(i)])
+    took = time.monotonic() - t
+    assert took < 0.5, f"submit waited for the spool: {took:.2f} s for 1000 records"
+    _until(lambda: r.stats()["spool_pending"] == 0)
+    assert writers == {"spool-fake"}, writers
+    release.set()
+    sink.wait_for(1000)
+    r.stop(5)
+    assert sink.delivered() == list(range(1000)), "in order, each once"
+    assert r.stats()["records"]["dropped"] == 0
