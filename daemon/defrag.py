@@ -57,13 +57,13 @@ class _Datagram:
 
     def __init__(self, first_ts: float) -> None:
         self.first_ts = first_ts
-        self.pieces: list[tuple[int, int, bytes]] = []
+        self.pieces = []  # (start, end, bytes)
         self.size = 0  # bytes held (no overlaps, so == covered bytes)
-        self.total: int | None = None  # payload length, known once the last fragment (MF=0) came
+        self.total = None  # payload length, known once the last fragment (MF=0) came
         self.max_end = 0
-        self.meta: object = None  # from the offset-0 fragment (IPv6: its next header)
+        self.meta = None  # from the offset-0 fragment (IPv6: its next header)
         self.dead = False  # tombstone: dropped, swallow the rest of its fragments
-        self.frames: list[tuple[float, int, bytes]] = []  # captured frames, when asked to keep them
+        self.frames = []  # captured (ts, wire_len, frame), when asked to keep them
 
 
 @cython.cclass
@@ -99,7 +99,7 @@ class Defragmenter:
         self.skipped = skipped
         # Insertion order == creation order: the first key is the oldest datagram, which makes
         # both expiry and eviction O(1) per datagram.
-        self._pending: dict[Hashable, _Datagram] = {}
+        self._pending = {}  # key -> _Datagram
 
     @property
     def pending(self) -> int:
