@@ -34,6 +34,8 @@ import struct
 from collections import Counter
 from typing import Any
 
+import cython
+
 from .defrag import Defragmenter
 from .errors import Error
 
@@ -180,6 +182,57 @@ class UnsupportedLinkType(Error):
     """The link type is neither on the fast path nor decodable by an impacket fallback."""
 
 
+# --- Compiled-build helpers. Under CPython these run as plain functions on `bytes` (indexing a
+# bytes object gives an int), so the same source is the reference; compiled, `p` is the frame's
+# byte pointer and each read is one C load. No bounds checks: every caller has checked the
+# length first, exactly as the struct path needs (a short read there would raise).
+
+
+@cython.cfunc
+@cython.inline
+@cython.exceptval(check=False)
+def _be16(p: cython.p_uchar, i: cython.Py_ssize_t) -> cython.uint:
+    return (cython.cast(cython.uint, p[i]) << 8) | p[i + 1]
+
+
+@cython.cfunc
+@cython.inline
+@cython.exceptval(check=False)
+def _be32(p: cython.p_uchar, i: cython.Py_ssize_t) -> cython.uint:
+    return (
+        (cython.cast(cython.uint, p[i]) << 24)
+        | (cython.cast(cython.uint, p[i + 1]) << 16)
+        | (cython.cast(cython.uint, p[i + 2]) << 8)
+        | p[i + 3]
+    )
+
+
+# Compiled: the Python ints of every 16-bit value (ports, window), made once, so a segment's tuple
+# takes a reference instead of allocating three ints (2.4 MB, once per process).
+_U16_INTS = cython.declare(tuple, tuple(range(65536)) if cython.compiled else ())
+
+
+@cython.cfunc
+@cython.inline
+@cython.boundscheck(False)  # v < 65536: a _be16 result
+@cython.wraparound(False)
+def _int16(v: cython.uint) -> object:
+    return _U16_INTS[v]
+
+
+@cython.cfunc
+@cython.exceptval(-1)
+def _check_frame(buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t) -> cython.int:
+    """The compiled entry points read `buf` through a C pointer: a caller's `off`/`end` outside
+    the buffer would read past it, so they are refused (the Python source would raise
+    IndexError, or decode a shorter frame)."""
+    if buf is None:
+        raise TypeError("frame buffer is None")
+    if off < 0 or end < off or end > len(buf):
+        raise ValueError(f"frame [{off}:{end}] is outside the {len(buf)}-byte buffer")
+    return 0
+
+
 # Link type -> name of the Decoder method that decodes a frame of it.
 _FAST_LINKS: dict[int, str] = {
     DLT_EN10MB: "_link_ether",
@@ -208,69 +261,28 @@ _IMPACKET_LINKS: dict[int, str] = {
 }
 
 
-class Decoder:
-    """Decodes frames of one link type to TCP segments; counts everything else.
+@cython.cclass
+class _DecoderCore:
+    """The decoding methods of `Decoder`, a C extension type when compiled: the internal steps
+    are C functions (`cython.cfunc`) with C-typed offsets; the per-link-type entry points stay
+    Python methods, since `Decoder` binds one of them as `decode`."""
 
-    `malformed`: reason -> count of frames dropped as bad or cut (``link_header``,
-    ``ipv4_header``, ``ipv6_header``, ``ipv6_ext_header``, ``ip_version``, ``tcp_header``,
-    ``truncated_header``, ``gre_header``, ``mpls_header``, ``tunnel_depth``, ``fragment_*``).
-    `skipped`: reason -> count of frames that are fine but not for us (``not_ip``, ``not_tcp``,
-    ``fragment_pending``, ``fragment_duplicate``, ``fragment_discarded``).
-    """
+    # Public: read by `Decoder`, the pipeline and tests, which are Python.
+    linktype = cython.declare(object, visibility="public")
+    malformed = cython.declare(object, visibility="public")
+    skipped = cython.declare(object, visibility="public")
+    defrag = cython.declare(object, visibility="public")
+    frag_frames = cython.declare(object, visibility="public")
+    _impacket = cython.declare(object, visibility="public")
+    _entry = cython.declare(object, visibility="public")
+    # The frame being decoded is _fbuf[_foff:_fend] (kept frames only).
+    _fbuf = cython.declare(bytes)
+    _foff = cython.declare(cython.Py_ssize_t)
+    _fend = cython.declare(cython.Py_ssize_t)
 
-    def __init__(
-        self,
-        linktype: int,
-        *,
-        frag_max_pending: int = 8192,
-        frag_timeout: float = 30.0,
-        frag_frames: list[tuple[float, int, bytes]] | None = None,
-    ) -> None:
-        self.linktype = linktype
-        self.malformed: Counter[str] = Counter()
-        self.skipped: Counter[str] = Counter()
-        self.defrag = Defragmenter(frag_max_pending, frag_timeout, self.malformed, self.skipped)
-        # keep_packets (the pcap sink): when a frame completes a fragmented datagram, the frames
-        # of its other fragments, `(ts, wire_len, frame)` in capture order, are put in this
-        # list, which the caller drains into the stream's packets (it owns the list). A frame
-        # that completes nothing leaves it empty. None: fragment frames are not held at all.
-        self.frag_frames = frag_frames
-        self._fbuf = b""  # the frame being decoded is _fbuf[_foff:_fend] (kept frames only)
-        self._foff = self._fend = 0
-        self._impacket: Any = None
-        name = _FAST_LINKS.get(linktype)
-        if name is None:
-            cls = _IMPACKET_LINKS.get(linktype)
-            if cls is None:
-                raise UnsupportedLinkType(
-                    f"link type {linktype} (DLT/LINKTYPE number) is not supported: the fast "
-                    f"decoder handles {sorted(_FAST_LINKS)}, the impacket fallback handles "
-                    f"{sorted(_IMPACKET_LINKS)}"
-                )
-            from impacket import ImpactDecoder
-
-            self._impacket = getattr(ImpactDecoder, cls)()
-            if linktype == DLT_IEEE802_11:
-                # DLT 105 frames carry no FCS; impacket's Dot11Decoder assumes one by default.
-                self._impacket.FCS_at_end(False)
-            name = "_link_impacket"
-        # Rebind per instance: callers pay no link-type dispatch per packet.
-        self.decode = getattr(self, name)  # type: ignore[method-assign]
-        if frag_frames is not None:
-            # Only when frames are kept does a packet pay for remembering where its frame is.
-            self._entry = self.decode
-            self.decode = self._decode_keeping_frames  # type: ignore[method-assign]
-
-    def decode(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
-        """Decode the frame `buf[off:end]` captured at packet time `ts` (seconds).
-
-        Returns ``(version, src, dst, sport, dport, seq, ack, flags, win, payload, missing,
-        opts)`` for a TCP segment, else None with the frame counted in `malformed` or `skipped`.
-        (Replaced per instance by the link type's entry point; this body documents it.)
-        """
-        return getattr(self, _FAST_LINKS.get(self.linktype, "_link_impacket"))(buf, off, end, ts)
-
-    def _decode_keeping_frames(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _decode_keeping_frames(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
         self._fbuf = buf
         self._foff = off
         self._fend = end
@@ -278,6 +290,7 @@ class Decoder:
             self.frag_frames.clear()  # left by a datagram that completed without a TCP segment
         return self._entry(buf, off, end, ts)
 
+    @cython.cfunc
     def _fragment_frames(self, ts: float) -> list[tuple[float, int, bytes]] | None:
         """The frames a fragment being added contributes: the frame being decoded, after the
         frames of any outer datagram this frame completed (a fragment inside a reassembled
@@ -294,6 +307,7 @@ class Decoder:
         frames.append((ts, end - off, self._fbuf[off:end]))
         return frames
 
+    @cython.cfunc
     def _fragment_done(self, frames: list[tuple[float, int, bytes]]) -> None:
         """A datagram completed: hand the frames of its earlier fragments to the caller; the
         last frame is the one being decoded, which the caller keeps itself."""
@@ -302,15 +316,36 @@ class Decoder:
             held[:] = frames[:-1]
 
     # ------------------------------------------------------------------ fast path: Ethernet/IPv4
-    def _link_ether(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_ether(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
         # The one path worth duplicating code for: untagged Ethernet, IPv4 without options or
         # fragmentation, TCP. One call per packet instead of three. Anything else (or anything
         # odd: bad lengths, TSO zero length) falls through to the general path, which decodes
         # the frame again from the start and counts what it finds.
-        if end - off >= 54 and buf[off + 12] == 8 and buf[off + 13] == 0:
-            vhl, _tos, tlen, _id, frag, _ttl, proto, _sum, src, dst = _IP4(buf, off + 14)
-            if vhl == 0x45 and proto == IP_PROTO_TCP and not frag & IP_FRAG_BITS and tlen >= 40:
-                ip_off = off + 14
+        p: cython.p_uchar
+        tlen: cython.uint
+        ip_off: cython.Py_ssize_t
+        ip_end: cython.Py_ssize_t
+        toff: cython.Py_ssize_t
+        thl: cython.Py_ssize_t
+        missing: cython.Py_ssize_t
+        if cython.compiled:
+            _check_frame(buf, off, end)
+        p = buf
+        if end - off >= 54 and p[off + 12] == 8 and p[off + 13] == 0:
+            ip_off = off + 14
+            # version/IHL 0x45, protocol 6 (TCP), no MF and offset 0, total length >= 40
+            if cython.compiled:
+                ok = (
+                    p[ip_off] == 0x45 and p[ip_off + 9] == 6
+                    and not _be16(p, ip_off + 6) & 0x3FFF  # IP_FRAG_BITS
+                )  # fmt: skip
+                tlen = _be16(p, ip_off + 2)
+            else:
+                vhl, _tos, tlen, _id, frag, _ttl, proto, _sum, src, dst = _IP4(buf, ip_off)
+                ok = vhl == 0x45 and proto == IP_PROTO_TCP and not frag & IP_FRAG_BITS
+            if ok and tlen >= 40:
                 if tlen <= end - ip_off:
                     ip_end = ip_off + tlen
                     missing = 0
@@ -318,31 +353,62 @@ class Decoder:
                     ip_end = end
                     missing = tlen - (end - ip_off)
                 toff = ip_off + 20
-                sport, dport, seq, ack, doff, flags, win = _TCP(buf, toff)
-                thl = (doff >> 4) << 2
+                thl = (p[toff + 12] >> 4) << 2
                 if 20 <= thl <= ip_end - toff:
+                    if cython.compiled:
+                        return (
+                            4, p[ip_off + 12 : ip_off + 16], p[ip_off + 16 : ip_off + 20],
+                            _int16(_be16(p, toff)), _int16(_be16(p, toff + 2)),
+                            _be32(p, toff + 4), _be32(p, toff + 8), p[toff + 13],
+                            _int16(_be16(p, toff + 14)),
+                            p[toff + thl : ip_end], missing,
+                            p[toff + 20 : toff + thl] if thl > 20 else b"",
+                        )  # fmt: skip
+                    sport, dport, seq, ack, _doff, flags, win = _TCP(buf, toff)
                     return (
                         4, src, dst, sport, dport, seq, ack, flags, win,
                         buf[toff + thl : ip_end], missing,
                         buf[toff + 20 : toff + thl] if thl > 20 else b"",
                     )  # fmt: skip
-        if end - off < ETH_HDR_LEN:
+        if end - off < 14:  # ETH_HDR_LEN (literals here: a C constant when compiled)
             self.malformed["link_header"] += 1
             return None
         # Two byte reads beat an unpack_from call for one 16-bit field.
-        etype = buf[off + 12] << 8 | buf[off + 13]
-        if etype == ETH_TYPE_IP:
-            return self._ip4(buf, off + ETH_HDR_LEN, end, ts, 0)
-        if etype == ETH_TYPE_IP6:
-            return self._ip6(buf, off + ETH_HDR_LEN, end, ts, 0)
+        etype: cython.uint = p[off + 12] << 8 | p[off + 13]
+        if etype == 0x0800:  # ETH_TYPE_IP
+            return self._ip4(buf, off + 14, end, ts, 0)
+        if etype == 0x86DD:  # ETH_TYPE_IP6
+            return self._ip6(buf, off + 14, end, ts, 0)
         return self._ether_slow(buf, off, end, ts, 0)
 
-    def _ip4(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
-        cap = end - off
+    @cython.cfunc
+    def _ip4(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float,
+        depth: cython.int,
+    ) -> Segment | None:  # fmt: skip
+        p: cython.p_uchar = buf
+        cap: cython.Py_ssize_t = end - off
+        vhl: cython.uint
+        tlen: cython.Py_ssize_t
+        ident: cython.uint
+        frag: cython.uint
+        proto: cython.int
+        hl: cython.Py_ssize_t
+        ip_end: cython.Py_ssize_t
+        missing: cython.Py_ssize_t
         if cap < 20:
             self._short_ip4(buf, off, cap)
             return None
-        vhl, _tos, tlen, ident, frag, _ttl, proto, _sum, src, dst = _IP4(buf, off)
+        if cython.compiled:
+            vhl = p[off]
+            tlen = _be16(p, off + 2)
+            ident = _be16(p, off + 4)
+            frag = _be16(p, off + 6)
+            proto = p[off + 9]
+            src = p[off + 12 : off + 16]
+            dst = p[off + 16 : off + 20]
+        else:
+            vhl, _tos, tlen, ident, frag, _ttl, proto, _sum, src, dst = _IP4(buf, off)
         hl = (vhl & 15) << 2
         if vhl >> 4 != 4 or hl < 20:
             self.malformed["ipv4_header"] += 1
@@ -363,49 +429,65 @@ class Decoder:
         else:
             ip_end = end
             missing = tlen - cap
-        if frag & IP_FRAG_BITS:
+        if frag & 0x3FFF:  # IP_FRAG_BITS
             return self._frag4(
                 buf, off + hl, ip_end, missing, ts, depth, src, dst, ident, proto, frag
             )
-        if proto != IP_PROTO_TCP:
+        if proto != 6:  # IP_PROTO_TCP
             return self._ip_proto(4, src, dst, proto, buf, off + hl, ip_end, missing, ts, depth)
         # Plain Ethernet/IPv4/TCP never gets here (_link_ether's inlined path); one call more
         # for the other link types is cheaper than a second copy of the TCP code.
         return self._tcp(4, src, dst, buf, off + hl, ip_end, missing)
 
     # ------------------------------------------------------------------ TCP and counters
+    @cython.cfunc
     def _tcp(
-        self, version: int, src: bytes, dst: bytes, buf: bytes, off: int, ip_end: int, missing: int
-    ) -> Segment | None:
-        avail = ip_end - off
+        self, version: cython.int, src: bytes, dst: bytes, buf: bytes, off: cython.Py_ssize_t,
+        ip_end: cython.Py_ssize_t, missing: cython.Py_ssize_t,
+    ) -> Segment | None:  # fmt: skip
+        p: cython.p_uchar = buf
+        avail: cython.Py_ssize_t = ip_end - off
+        thl: cython.Py_ssize_t
         if avail < 20:
             self._short_tcp(avail, missing)
             return None
-        sport, dport, seq, ack, doff, flags, win = _TCP(buf, off)
-        thl = (doff >> 4) << 2
+        thl = (p[off + 12] >> 4) << 2
         if thl < 20 or thl > avail:
             self._bad_tcp(thl, avail, missing)
             return None
+        if cython.compiled:
+            return (
+                version, src, dst, _int16(_be16(p, off)), _int16(_be16(p, off + 2)),
+                _be32(p, off + 4), _be32(p, off + 8), p[off + 13], _int16(_be16(p, off + 14)),
+                p[off + thl : ip_end], missing,
+                p[off + 20 : off + thl] if thl > 20 else b"",
+            )  # fmt: skip
+        sport, dport, seq, ack, _doff, flags, win = _TCP(buf, off)
         return (
             version, src, dst, sport, dport, seq, ack, flags, win,
             buf[off + thl : ip_end], missing,
             buf[off + 20 : off + thl] if thl > 20 else b"",
         )  # fmt: skip
 
-    def _short_tcp(self, avail: int, missing: int) -> None:
+    @cython.cfunc
+    def _short_tcp(self, avail: cython.Py_ssize_t, missing: cython.Py_ssize_t) -> None:
         # The header runs past what we have: cut by the snaplen if the IP length says more exists
         # (and enough for a minimal header), else the datagram itself is too short.
         self.malformed[
             "truncated_header" if missing and avail + missing >= 20 else "tcp_header"
         ] += 1
 
-    def _bad_tcp(self, thl: int, avail: int, missing: int) -> None:
+    @cython.cfunc
+    def _bad_tcp(
+        self, thl: cython.Py_ssize_t, avail: cython.Py_ssize_t, missing: cython.Py_ssize_t
+    ) -> None:
         if thl >= 20 and missing and thl <= avail + missing:
             self.malformed["truncated_header"] += 1
         else:
             self.malformed["tcp_header"] += 1
 
-    def _short_ip4(self, buf: bytes, off: int, cap: int) -> None:
+    @cython.cfunc
+    def _short_ip4(self, buf: bytes, off: cython.Py_ssize_t, cap: cython.Py_ssize_t) -> None:
         # Fewer than 20 bytes: cut by the snaplen if the total length field (when we have it)
         # claims more than we captured, else just short.
         if cap >= 4 and buf[off] >> 4 == 4 and _U16(buf, off + 2)[0] > cap:
@@ -414,18 +496,19 @@ class Decoder:
             self.malformed["ipv4_header"] += 1
 
     # ------------------------------------------------------------------ IP payload dispatch
+    @cython.cfunc
     def _ip_proto(
         self,
-        version: int,
+        version: cython.int,
         src: bytes,
         dst: bytes,
-        proto: int,
+        proto: cython.int,
         buf: bytes,
-        off: int,
-        ip_end: int,
-        missing: int,
+        off: cython.Py_ssize_t,
+        ip_end: cython.Py_ssize_t,
+        missing: cython.Py_ssize_t,
         ts: float,
-        depth: int,
+        depth: cython.int,
     ) -> Segment | None:
         """Transport payload of an IP datagram (after extension headers / reassembly)."""
         if proto == IP_PROTO_TCP:
@@ -445,7 +528,15 @@ class Decoder:
         self.skipped["not_tcp"] += 1
         return None
 
-    def _ip_any(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
+    @cython.cfunc
+    def _ip_any(
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        ts: float,
+        depth: cython.int,
+    ) -> Segment | None:
         """IP of either version, from the first nibble (raw IP, MPLS, NFLOG…)."""
         if off >= end:
             self.malformed["link_header"] += 1
@@ -459,19 +550,20 @@ class Decoder:
         return None
 
     # ------------------------------------------------------------------ IPv4 fragments
+    @cython.cfunc
     def _frag4(
         self,
         buf: bytes,
-        off: int,
-        ip_end: int,
-        missing: int,
+        off: cython.Py_ssize_t,
+        ip_end: cython.Py_ssize_t,
+        missing: cython.Py_ssize_t,
         ts: float,
-        depth: int,
+        depth: cython.int,
         src: bytes,
         dst: bytes,
-        ident: int,
-        proto: int,
-        frag: int,
+        ident: cython.uint,
+        proto: cython.int,
+        frag: cython.uint,
     ) -> Segment | None:
         key = (src, dst, ident, proto)
         if missing:
@@ -489,18 +581,33 @@ class Decoder:
         return self._ip_proto(4, src, dst, proto, data, 0, len(data), 0, ts, depth)
 
     # ------------------------------------------------------------------ IPv6
-    def _ip6(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
-        cap = end - off
+    @cython.cfunc
+    def _ip6(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float,
+        depth: cython.int,
+    ) -> Segment | None:  # fmt: skip
+        p: cython.p_uchar = buf
+        cap: cython.Py_ssize_t = end - off
+        plen: cython.Py_ssize_t
+        nh: cython.int
+        ip_end: cython.Py_ssize_t
+        missing: cython.Py_ssize_t
         if cap < 40:
-            if cap >= 6 and buf[off] >> 4 == 6 and _U16(buf, off + 4)[0] + 40 > cap:
+            if cap >= 6 and p[off] >> 4 == 6 and _be16(p, off + 4) + 40 > cap:
                 self.malformed["truncated_header"] += 1
             else:
                 self.malformed["ipv6_header"] += 1
             return None
-        vfl, plen, nh, _hlim, src, dst = _IP6(buf, off)
-        if vfl >> 28 != 6:
+        if p[off] >> 4 != 6:
             self.malformed["ipv6_header"] += 1
             return None
+        if cython.compiled:
+            plen = _be16(p, off + 4)
+            nh = p[off + 6]
+            src = p[off + 8 : off + 24]
+            dst = p[off + 24 : off + 40]
+        else:
+            _vfl, plen, nh, _hlim, src, dst = _IP6(buf, off)
         cap -= 40
         if plen == 0:
             plen = cap  # jumbogram (RFC 2675) or GSO capture: use what was captured
@@ -511,22 +618,23 @@ class Decoder:
             ip_end = end
             missing = plen - cap
         off += 40
-        if nh == IP_PROTO_TCP:
+        if nh == 6:  # IP_PROTO_TCP
             return self._tcp(6, src, dst, buf, off, ip_end, missing)
         return self._ip6_ext(src, dst, nh, buf, off, ip_end, missing, ts, depth, False)
 
+    @cython.cfunc
     def _ip6_ext(
         self,
         src: bytes,
         dst: bytes,
-        nh: int,
+        nh: cython.int,
         buf: bytes,
-        off: int,
-        ip_end: int,
-        missing: int,
+        off: cython.Py_ssize_t,
+        ip_end: cython.Py_ssize_t,
+        missing: cython.Py_ssize_t,
         ts: float,
-        depth: int,
-        reassembled: bool,
+        depth: cython.int,
+        reassembled: cython.bint,
     ) -> Segment | None:
         """Walk IPv6 extension headers (RFC 8200 §4) to the upper-layer header."""
         malformed = self.malformed
@@ -584,7 +692,15 @@ class Decoder:
             return self._ip_proto(6, src, dst, nh, buf, off, ip_end, missing, ts, depth)
 
     # ------------------------------------------------------------------ link layers
-    def _ether_slow(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
+    @cython.cfunc
+    def _ether_slow(
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        ts: float,
+        depth: cython.int,
+    ) -> Segment | None:
         """An Ethernet frame at `off` (outer link, or inside VXLAN/GRE/MPLS…), any ethertype."""
         if end - off < ETH_HDR_LEN:
             self.malformed["link_header"] += 1
@@ -599,8 +715,15 @@ class Decoder:
             return None
         return self._ethertype(buf, off, end, etype, ts, depth)
 
+    @cython.cfunc
     def _ethertype(
-        self, buf: bytes, off: int, end: int, etype: int, ts: float, depth: int
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        etype: cython.int,
+        ts: float,
+        depth: cython.int,
     ) -> Segment | None:
         """Payload `buf[off:end]` of ethertype `etype`: IP, or VLAN/PPPoE/MPLS around it."""
         while etype in _VLAN_TYPES:
@@ -631,7 +754,15 @@ class Decoder:
         self.skipped["not_ip"] += 1
         return None
 
-    def _ppp(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
+    @cython.cfunc
+    def _ppp(
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        ts: float,
+        depth: cython.int,
+    ) -> Segment | None:
         if end - off >= 2 and buf[off] == 0xFF and buf[off + 1] == 0x03:
             off += 2  # RFC 1662 address/control
         if end - off < 1:
@@ -655,7 +786,15 @@ class Decoder:
         self.skipped["not_ip"] += 1
         return None
 
-    def _mpls(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
+    @cython.cfunc
+    def _mpls(
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        ts: float,
+        depth: cython.int,
+    ) -> Segment | None:
         # RFC 3032 label stack entries: label(20) TC(3) S(1) TTL(8); pop to bottom of stack.
         while True:
             if end - off < 4:
@@ -681,7 +820,15 @@ class Decoder:
             off += 4  # pseudowire control word (RFC 4385), then the Ethernet frame
         return self._ether_slow(buf, off, end, ts, depth + 1)
 
-    def _gre(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
+    @cython.cfunc
+    def _gre(
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        ts: float,
+        depth: cython.int,
+    ) -> Segment | None:
         if end - off < 4:
             self.malformed["gre_header"] += 1
             return None
@@ -732,7 +879,15 @@ class Decoder:
             return self._ppp(buf, off, end, ts, depth)
         return self._ethertype(buf, off, end, proto, ts, depth)
 
-    def _udp(self, buf: bytes, off: int, end: int, ts: float, depth: int) -> Segment | None:
+    @cython.cfunc
+    def _udp(
+        self,
+        buf: bytes,
+        off: cython.Py_ssize_t,
+        end: cython.Py_ssize_t,
+        ts: float,
+        depth: cython.int,
+    ) -> Segment | None:
         """UDP: only tunnels (VXLAN, Geneve, Teredo) interest us."""
         if end - off < 8:
             self.skipped["not_tcp"] += 1
@@ -765,7 +920,11 @@ class Decoder:
         self.skipped["not_tcp"] += 1
         return None
 
-    def _link_sll(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_sll(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # pkttype(2) hatype(2) halen(2) addr(8) protocol(2)
         if end - off < 16:
             self.malformed["link_header"] += 1
@@ -775,7 +934,11 @@ class Decoder:
             return self._ip4(buf, off + 16, end, ts, 0)
         return self._ethertype(buf, off + 16, end, etype, ts, 0)
 
-    def _link_sll2(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_sll2(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # protocol(2) reserved(2) ifindex(4) hatype(2) pkttype(1) halen(1) addr(8)
         if end - off < 20:
             self.malformed["link_header"] += 1
@@ -785,7 +948,11 @@ class Decoder:
             return self._ip4(buf, off + 20, end, ts, 0)
         return self._ethertype(buf, off + 20, end, etype, ts, 0)
 
-    def _link_null(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_null(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         if end - off < 4:
             self.malformed["link_header"] += 1
             return None
@@ -799,26 +966,50 @@ class Decoder:
         self.skipped["not_ip"] += 1
         return None
 
-    def _link_raw(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_raw(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         return self._ip_any(buf, off, end, ts, 0)
 
-    def _link_ipv4(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_ipv4(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         return self._ip4(buf, off, end, ts, 0)
 
-    def _link_ipv6(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_ipv6(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         return self._ip6(buf, off, end, ts, 0)
 
-    def _link_ppp(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_ppp(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         return self._ppp(buf, off, end, ts, 0)
 
-    def _link_chdlc(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_chdlc(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # address(1) control(1) protocol(2, an ethertype)
         if end - off < 4:
             self.malformed["link_header"] += 1
             return None
         return self._ethertype(buf, off + 4, end, buf[off + 2] << 8 | buf[off + 3], ts, 0)
 
-    def _link_nflog(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_nflog(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # family(1) version(1) resource id(2), then TLVs: length(2) type(2) value, padded to 4;
         # the length counts the 4-byte TLV header. The packet is the NFULA_PAYLOAD TLV.
         if end - off < 4:
@@ -837,7 +1028,11 @@ class Decoder:
         self.skipped["not_ip"] += 1
         return None
 
-    def _link_fddi(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_fddi(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # frame control(1) dst(6) src(6), then 802.2 LLC; IP rides in SNAP (RFC 1390).
         if end - off < 21:
             self.malformed["link_header"] += 1
@@ -847,7 +1042,11 @@ class Decoder:
             return None
         return self._ethertype(buf, off + 21, end, buf[off + 19] << 8 | buf[off + 20], ts, 0)
 
-    def _link_arcnet(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_arcnet(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # Linux pseudo-header: src(1) dst(1) offset(2) protocol id(1); RFC 1201 protocols add
         # split flag(1) sequence(2), and exception packets 4 filler bytes more.
         if end - off < 5:
@@ -869,14 +1068,22 @@ class Decoder:
         self.skipped["not_ip"] += 1
         return None
 
-    def _link_ipoib(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_ipoib(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # destination hw address(20) source hw address(20) protocol(2) reserved(2)
         if end - off < 44:
             self.malformed["link_header"] += 1
             return None
         return self._ethertype(buf, off + 44, end, buf[off + 40] << 8 | buf[off + 41], ts, 0)
 
-    def _link_juniper(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_juniper(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
+        if cython.compiled:
+            _check_frame(buf, off, end)
         # "MGC" magic(3) flags(1) [ext length(2) ext TLVs] then Ethernet, or with NO_L2 a
         # 4-byte cookie and IP (tcpdump print-juniper.c, juniper_parse_header).
         if end - off < 4 or buf[off : off + 3] != JUNIPER_MAGIC:
@@ -894,8 +1101,12 @@ class Decoder:
         return self._ether_slow(buf, p, end, ts, 0)
 
     # ------------------------------------------------------------------ impacket fallback
-    def _link_impacket(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+    def _link_impacket(
+        self, buf: bytes, off: cython.Py_ssize_t, end: cython.Py_ssize_t, ts: float
+    ) -> Segment | None:
         """Link types we have no struct path for: impacket finds the IP layer, we do the rest."""
+        if cython.compiled:
+            _check_frame(buf, off, end)
         try:
             from impacket import IP6, ImpactPacket
 
@@ -916,3 +1127,64 @@ class Decoder:
             self.skipped["not_ip"] += 1
             return None
         return self._ip_any(bytes(ip_bytes), 0, len(ip_bytes), ts, 0)
+
+
+class Decoder(_DecoderCore):
+    """Decodes frames of one link type to TCP segments; counts everything else.
+
+    `malformed`: reason -> count of frames dropped as bad or cut (``link_header``,
+    ``ipv4_header``, ``ipv6_header``, ``ipv6_ext_header``, ``ip_version``, ``tcp_header``,
+    ``truncated_header``, ``gre_header``, ``mpls_header``, ``tunnel_depth``, ``fragment_*``).
+    `skipped`: reason -> count of frames that are fine but not for us (``not_ip``, ``not_tcp``,
+    ``fragment_pending``, ``fragment_duplicate``, ``fragment_discarded``).
+    """
+
+    def __init__(
+        self,
+        linktype: int,
+        *,
+        frag_max_pending: int = 8192,
+        frag_timeout: float = 30.0,
+        frag_frames: list[tuple[float, int, bytes]] | None = None,
+    ) -> None:
+        self.linktype = linktype
+        self.malformed: Counter[str] = Counter()
+        self.skipped: Counter[str] = Counter()
+        self.defrag = Defragmenter(frag_max_pending, frag_timeout, self.malformed, self.skipped)
+        # keep_packets (the pcap sink): when a frame completes a fragmented datagram, the frames
+        # of its other fragments, `(ts, wire_len, frame)` in capture order, are put in this
+        # list, which the caller drains into the stream's packets (it owns the list). A frame
+        # that completes nothing leaves it empty. None: fragment frames are not held at all.
+        self.frag_frames = frag_frames
+        self._impacket: Any = None
+        name = _FAST_LINKS.get(linktype)
+        if name is None:
+            cls = _IMPACKET_LINKS.get(linktype)
+            if cls is None:
+                raise UnsupportedLinkType(
+                    f"link type {linktype} (DLT/LINKTYPE number) is not supported: the fast "
+                    f"decoder handles {sorted(_FAST_LINKS)}, the impacket fallback handles "
+                    f"{sorted(_IMPACKET_LINKS)}"
+                )
+            from impacket import ImpactDecoder
+
+            self._impacket = getattr(ImpactDecoder, cls)()
+            if linktype == DLT_IEEE802_11:
+                # DLT 105 frames carry no FCS; impacket's Dot11Decoder assumes one by default.
+                self._impacket.FCS_at_end(False)
+            name = "_link_impacket"
+        # Rebind per instance: callers pay no link-type dispatch per packet.
+        self.decode = getattr(self, name)  # type: ignore[method-assign]
+        if frag_frames is not None:
+            # Only when frames are kept does a packet pay for remembering where its frame is.
+            self._entry = self.decode
+            self.decode = self._decode_keeping_frames  # type: ignore[method-assign]
+
+    def decode(self, buf: bytes, off: int, end: int, ts: float) -> Segment | None:
+        """Decode the frame `buf[off:end]` captured at packet time `ts` (seconds).
+
+        Returns ``(version, src, dst, sport, dport, seq, ack, flags, win, payload, missing,
+        opts)`` for a TCP segment, else None with the frame counted in `malformed` or `skipped`.
+        (Replaced per instance by the link type's entry point; this body documents it.)
+        """
+        return getattr(self, _FAST_LINKS.get(self.linktype, "_link_impacket"))(buf, off, end, ts)

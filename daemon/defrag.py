@@ -33,27 +33,40 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable
 
+import cython
+
 #: IPv4 total length and IPv6 payload length are 16-bit fields (RFC 791, RFC 8200; jumbograms
 #: cannot be fragmented, RFC 2675 §3), so no reassembled payload can exceed this.
 MAX_DATAGRAM = 65535
 
 
+@cython.cclass
 class _Datagram:
-    """One datagram being reassembled: its fragments as (start, end, bytes), no overlaps."""
+    """One datagram being reassembled: its fragments as (start, end, bytes), no overlaps.
 
-    __slots__ = ("first_ts", "pieces", "size", "total", "max_end", "meta", "dead", "frames")
+    A C struct when compiled (public: tests and the decoder's callers inspect them)."""
+
+    first_ts = cython.declare(cython.double, visibility="public")
+    pieces = cython.declare(list, visibility="public")
+    size = cython.declare(cython.Py_ssize_t, visibility="public")
+    total = cython.declare(object, visibility="public")
+    max_end = cython.declare(cython.Py_ssize_t, visibility="public")
+    meta = cython.declare(object, visibility="public")
+    dead = cython.declare(cython.bint, visibility="public")
+    frames = cython.declare(list, visibility="public")
 
     def __init__(self, first_ts: float) -> None:
         self.first_ts = first_ts
-        self.pieces: list[tuple[int, int, bytes]] = []
+        self.pieces = []  # (start, end, bytes)
         self.size = 0  # bytes held (no overlaps, so == covered bytes)
-        self.total: int | None = None  # payload length, known once the last fragment (MF=0) came
+        self.total = None  # payload length, known once the last fragment (MF=0) came
         self.max_end = 0
-        self.meta: object = None  # from the offset-0 fragment (IPv6: its next header)
+        self.meta = None  # from the offset-0 fragment (IPv6: its next header)
         self.dead = False  # tombstone: dropped, swallow the rest of its fragments
-        self.frames: list[tuple[float, int, bytes]] = []  # captured frames, when asked to keep them
+        self.frames = []  # captured (ts, wire_len, frame), when asked to keep them
 
 
+@cython.cclass
 class Defragmenter:
     """Reassembles fragmented IP payloads keyed by (src, dst, id, proto).
 
@@ -63,7 +76,11 @@ class Defragmenter:
     `malformed`, holds to `skipped`: the decoder's own counters, passed in.
     """
 
-    __slots__ = ("max_pending", "timeout", "malformed", "skipped", "_pending")
+    max_pending = cython.declare(cython.Py_ssize_t, visibility="public")
+    timeout = cython.declare(cython.double, visibility="public")
+    malformed = cython.declare(object, visibility="public")
+    skipped = cython.declare(object, visibility="public")
+    _pending = cython.declare(dict, visibility="public")
 
     def __init__(
         self,
@@ -82,7 +99,7 @@ class Defragmenter:
         self.skipped = skipped
         # Insertion order == creation order: the first key is the oldest datagram, which makes
         # both expiry and eviction O(1) per datagram.
-        self._pending: dict[Hashable, _Datagram] = {}
+        self._pending = {}  # key -> _Datagram
 
     @property
     def pending(self) -> int:
@@ -92,7 +109,8 @@ class Defragmenter:
     def expire(self, now: float) -> None:
         """Drop datagrams whose first fragment is older than `timeout` at packet time `now`."""
         pending = self._pending
-        limit = now - self.timeout
+        limit: cython.double = now - self.timeout
+        dg: _Datagram
         while pending:
             key = next(iter(pending))
             dg = pending[key]
@@ -102,17 +120,20 @@ class Defragmenter:
             if not dg.dead:
                 self.malformed["fragment_timeout"] += 1
 
+    @cython.cfunc
     def _get(self, key: Hashable, ts: float) -> _Datagram:
         pending = self._pending
-        dg = pending.get(key)
+        dg: _Datagram | None = pending.get(key)
         if dg is None:
             if len(pending) >= self.max_pending:
                 oldest = next(iter(pending))
-                if not pending.pop(oldest).dead:
+                old: _Datagram = pending.pop(oldest)
+                if not old.dead:
                     self.malformed["fragment_limit"] += 1
             dg = pending[key] = _Datagram(ts)
         return dg
 
+    @cython.cfunc
     def _kill(self, dg: _Datagram, reason: str) -> None:
         dg.dead = True
         dg.pieces = []  # free the bytes now; the tombstone stays until it expires
@@ -123,7 +144,7 @@ class Defragmenter:
         """Drop the datagram `key` (e.g. one of its fragments was truncated), counting `reason`."""
         if self._pending:
             self.expire(ts)
-        dg = self._get(key, ts)
+        dg: _Datagram = self._get(key, ts)
         if dg.dead:
             self.skipped["fragment_discarded"] += 1
         else:
@@ -133,17 +154,21 @@ class Defragmenter:
         self,
         key: Hashable,
         ts: float,
-        offset: int,
-        more: bool,
+        offset: cython.Py_ssize_t,
+        more: cython.bint,
         data: bytes,
         meta: object,
         frames: list[tuple[float, int, bytes]] | None = None,
     ) -> tuple[bytes, object, list[tuple[float, int, bytes]]] | None:
         """Add one fragment: payload bytes `data` at byte `offset`; `more` = MF flag set;
         `frames`: the `(ts, wire_len, frame)` records it was captured in, held with it."""
+        n: cython.Py_ssize_t
+        end: cython.Py_ssize_t
+        s: cython.Py_ssize_t
+        e: cython.Py_ssize_t
         if self._pending:
             self.expire(ts)
-        dg = self._get(key, ts)
+        dg: _Datagram = self._get(key, ts)
         if dg.dead:
             self.skipped["fragment_discarded"] += 1
             return None

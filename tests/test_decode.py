@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from streamtap.decode import (
+    _FAST_LINKS,
     TH_ACK,
     TH_CWR,
     TH_ECE,
@@ -16,6 +17,7 @@ from streamtap.decode import (
     Decoder,
     UnsupportedLinkType,
 )
+from streamtap.engine import compiled_modules
 
 SRC4 = bytes([10, 0, 0, 1])
 DST4 = bytes([192, 168, 1, 2])
@@ -684,3 +686,23 @@ def test_fast_and_general_ethernet_paths_agree():
         b, _ = dec(1, tagged[: cut + 4] if cut else tagged)
         assert a is not None and a == b
         assert (a[10], len(a[9])) == ((0, 300) if cut is None else (200, 100))
+
+
+@pytest.mark.parametrize("linktype", sorted(_FAST_LINKS))
+def test_frame_bounds_outside_the_buffer_refused_by_the_compiled_engine(linktype):
+    # The compiled decoder reads frames through a C pointer, so a caller's off/end past the
+    # buffer must be refused, not read (the Python source raises IndexError or struct.error,
+    # or reads less).
+    buf = eth(ip4(tcp(b"x" * 40)))
+    d = Decoder(linktype)
+    compiled = compiled_modules()["streamtap.decode"]
+    for off, end in ((0, len(buf) + 1), (-1, 10), (10, 5), (len(buf) + 100, len(buf) + 200)):
+        if compiled:
+            with pytest.raises(ValueError, match="outside the"):
+                d.decode(buf, off, end, 1.0)
+        else:
+            try:
+                d.decode(buf, off, end, 1.0)
+            except (IndexError, struct.error):
+                pass
+    assert d.decode(buf, 0, len(buf), 1.0) is not None or linktype != 1
