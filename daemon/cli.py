@@ -329,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.interface or cfg.capture.interface:
             from .live import run_live
 
-            return run_live(args, cfg)
+            return run_live(args, cfg, load_config=lambda: load_config(args),
+                            make_sinks=make_sinks)
         raise UsageError("nothing to do: give -r FILE or -i IFACE (see --help)")
     except UsageError as e:
         print(f"streamtap: {e}", file=sys.stderr)

@@ -7,14 +7,21 @@ not stop the daemon: its runner retries with backoff and spools the records mean
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
+
+from streamtap.config import Config
 
 from . import logs
 from .notify import Notifier
-from .supervisor import Supervisor
+from .procs import start_forkserver
+from .supervisor import Supervisor, worker_count
+
+MakeSinks = Callable[[Config, "str | None"], list]
 
 log = logging.getLogger("streamtap.live")
 
@@ -23,13 +30,13 @@ def runtime_dir() -> str:
     return os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or "/run/streamtap"
 
 
-def control_socket_path(args: Any, cfg: Any, interface: str) -> str:
+def control_socket_path(args: argparse.Namespace, cfg: Config, interface: str) -> str:
     """--control-socket, else control.socket, else <runtime>/<iface>.sock."""
     return (getattr(args, "control_socket", None) or cfg.control.socket
             or os.path.join(runtime_dir(), f"{interface}.sock"))
 
 
-def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
+def start_control(path: str, cfg: Config, sup: Supervisor) -> Any:
     """The control API, or None (logged) when it cannot start: capture matters more."""
     try:
         from .control import ControlServer
@@ -53,12 +60,10 @@ def state_dir() -> str:
     return (os.environ.get("STATE_DIRECTORY") or "").split(":")[0] or "/var/lib/streamtap"
 
 
-def make_daemon_sinks(cfg: Any, interface: str | None) -> list:
+def make_daemon_sinks(cfg: Config, interface: str | None, make_sinks: MakeSinks) -> list:
     """Every configured sink behind its own runner (queue, retries, disk spool under
     <state>/<iface>/spool/<sink>/), so a slow or dead sink never stalls capture."""
     from streamtap.sinks.runner import RunnerSink
-
-    from .cli import make_sinks
 
     sinks = make_sinks(cfg, interface)
     seen: dict[str, int] = {}
@@ -72,18 +77,27 @@ def make_daemon_sinks(cfg: Any, interface: str | None) -> list:
             for s in sinks]
 
 
-def run_live(args: Any, cfg: Any) -> int:
-    def make_sinks(c: Any) -> list:
-        return make_daemon_sinks(c, interface)
+def run_live(args: argparse.Namespace, cfg: Config, *, load_config: Callable[[], Config],
+             make_sinks: MakeSinks) -> int:
+    """`load_config` re-reads the configuration on SIGHUP and `make_sinks` builds the
+    configured sinks: both come from the command line, which sits above this layer."""
+    # first, while this process has a single thread: workers are forked from the forkserver,
+    # never from the supervisor once sink runners and the control server run (procs.py)
+    if worker_count(cfg) > 1:
+        start_forkserver()
 
-    interface = getattr(args, "interface", None) or cfg.capture.interface
+    def daemon_sinks(c: Config) -> list:
+        return make_daemon_sinks(c, interface, make_sinks)
+
+    interface: str = getattr(args, "interface", None) or cfg.capture.interface or ""
     logs.setup(cfg, verbose=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
                interface=interface)
-    sinks = make_sinks(cfg)
+    sinks = daemon_sinks(cfg)
     for s in sinks:
         s.open()  # starts the sink's runner thread; the sink itself opens lazily
-    sup = Supervisor(cfg, args, sinks=sinks, interface=interface, notifier=Notifier(),
-                     make_sinks=make_sinks)
+    sup = Supervisor(cfg, sinks=sinks, interface=interface, count=getattr(args, "count", None),
+                     verbose=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
+                     notifier=Notifier(), load_config=load_config, make_sinks=daemon_sinks)
     control = start_control(control_socket_path(args, cfg, interface), cfg, sup)
     try:
         return sup.run()
