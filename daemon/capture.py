@@ -62,8 +62,8 @@ EXIT_LOST = 3  # the capture failed after it started (interface deleted or down)
 
 _GRANT = (
     "capturing needs CAP_NET_RAW: run as root, or grant the capability to the interpreter "
-    "(setcap cap_net_raw,cap_net_admin+eip $(readlink -f $(which python3))), or under systemd "
-    "set AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN in the unit"
+    "(setcap cap_net_raw+eip $(readlink -f $(which python3))), or under systemd "
+    "set AmbientCapabilities=CAP_NET_RAW in the unit"
 )
 
 

@@ -29,7 +29,6 @@ from streamtap.messages import (
 )
 from streamtap.messages import Failed as Error
 from streamtap.notify import Notifier
-from streamtap.procs import backoff_delay
 from streamtap.supervisor import HaltServer, Supervisor
 
 
@@ -226,11 +225,6 @@ def test_shutdown_timeout_kills_what_is_left(monkeypatch):
 
 
 # --------------------------------------------------------------------------- restarts (G3)
-
-
-def test_backoff_sequence():
-    assert [backoff_delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    assert backoff_delay(0) == 0
 
 
 def test_crashing_worker_restarts_with_backoff_and_is_counted():
