@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -70,3 +73,31 @@ def test_spawned_worker_reports_boot_error_and_exit_code():
 def test_backoff_sequence():
     assert [procs.backoff_delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     assert procs.backoff_delay(0) == 0
+
+
+ABORT_SCRIPT = """
+import time
+from streamtap import procs
+from streamtap.procs import WorkerProc
+import multiprocessing as mp
+if __name__ == "__main__":
+    procs.start_forkserver()
+    ctx = mp.get_context(procs.START_METHOD)
+    p = ctx.Process(target=procs.child_entry, args=(time.sleep, (30,), {}))
+    p.start()
+    time.sleep(1.0)
+    w = WorkerProc(p, None, None, 0)
+    w.abort()
+    p.join(10)
+    print("exit", p.exitcode)
+"""
+
+
+def test_sigabrt_puts_the_workers_stack_in_the_log(tmp_path):
+    # murder_workers' first step: the hung worker's faulthandler writes where it was stuck
+    script = tmp_path / "abort.py"
+    script.write_text(ABORT_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == f"exit {-signal.SIGABRT}", (r.stdout, r.stderr)
+    assert "Fatal Python error: Aborted" in r.stderr
+    assert "in child_entry" in r.stderr, r.stderr

@@ -667,3 +667,22 @@ def test_journal_handler_fields(monkeypatch):
     assert kw["SYSLOG_IDENTIFIER"] == "streamtap" and kw["STREAMTAP_INTERFACE"] == "eth9"
     assert kw["STREAMTAP_WORKER"] == 3
     logs.setup(cfg_with(1), stream=io.StringIO())
+
+
+def test_a_stopped_worker_without_eof_is_reported_as_losing_streams(caplog):
+    sup, clock, spawner, notifier, sink = make()
+    sup.start_workers()
+    all_ready(sup, spawner)
+    sup.handle_term()
+    p0, p1 = spawner.procs
+    p0.queue += [Streams(0, ["a"]), Eof(0)]
+    p1.queue += [Streams(1, ["b"])]             # its Eof never came: the queue was cut short
+    for p in (p0, p1):
+        p.inbox.append(Stopped(p.index))
+        p.code = 0
+    with caplog.at_level(logging.ERROR, logger="streamtap"):
+        sup.run_pass()
+    assert sup.finished() and sorted(sink.written) == ["a", "b"]
+    assert p0.eof and not p1.eof
+    assert "worker 1 exited before its last streams arrived" in caplog.text
+    assert "worker 0 exited before" not in caplog.text
