@@ -64,8 +64,8 @@ EXIT_OPEN, EXIT_FILTER, EXIT_LOST = EXIT_RUNTIME, EXIT_USAGE, EXIT_CAPTURE_LOST
 
 _GRANT = (
     "capturing needs CAP_NET_RAW: run as root, or grant the capability to the interpreter "
-    "(setcap cap_net_raw,cap_net_admin+eip $(readlink -f $(which python3))), or under systemd "
-    "set AmbientCapabilities=CAP_NET_RAW CAP_NET_ADMIN in the unit"
+    "(setcap cap_net_raw+eip $(readlink -f $(which python3))), or under systemd "
+    "set AmbientCapabilities=CAP_NET_RAW in the unit"
 )
 
 

@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.interface or cfg.capture.interface:
             from .live import run_live
 
-            return run_live(args, cfg, load_config=load_config)
+            return run_live(args, cfg, load_config=lambda: load_config(args))
         raise UsageError("nothing to do: give -r FILE or -i IFACE (see --help)")
     except (UsageError, ConfigError) as e:
         print(f"streamtap: {e}", file=sys.stderr)

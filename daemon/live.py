@@ -7,34 +7,33 @@ not stop the daemon: its runner retries with backoff and spools the records mean
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
 
 from streamtap.config import Config, paths
+from streamtap.sinks.registry import build_sinks
+from streamtap.sinks.runner import RunnerSink
 
 from . import logs
+from .control import ControlServer, Limits
 from .notify import Notifier
-from .supervisor import Supervisor
+from .procs import start_forkserver
+from .supervisor import Supervisor, worker_count
 
 log = logging.getLogger("streamtap.live")
 
 
-def control_socket_path(args: Any, cfg: Config, interface: str | None) -> str:
+def control_socket_path(args: argparse.Namespace, cfg: Config, interface: str) -> str:
     """--control-socket, else control.socket, else <runtime>/<iface>.sock."""
     return (getattr(args, "control_socket", None) or cfg.control.socket
-            or paths.control_socket(str(interface)))
+            or paths.control_socket(interface))
 
 
-def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
+def start_control(path: str, cfg: Config, sup: Supervisor) -> ControlServer | None:
     """The control API, or None (logged) when it cannot start: capture matters more."""
-    try:
-        from .control import ControlServer, Limits
-    except ImportError as e:
-        log.warning("control API unavailable: %s", e)
-        return None
     try:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         server = ControlServer(path, listen=cfg.control.listen,
@@ -48,12 +47,9 @@ def start_control(path: str, cfg: Any, sup: Supervisor) -> Any:
     return server
 
 
-def make_daemon_sinks(cfg: Any, interface: str | None) -> list:
+def make_daemon_sinks(cfg: Config, interface: str | None) -> list:
     """Every configured sink behind its own runner (queue, retries, disk spool under
     <state>/<iface>/spool/<sink>/), so a slow or dead sink never stalls capture."""
-    from streamtap.sinks.registry import build_sinks
-    from streamtap.sinks.runner import RunnerSink
-
     sinks = build_sinks(cfg, interface)  # named apart (sink_names): one spool each
     timeout = max(1.0, cfg.capture.shutdown_timeout / 2)
     root = os.path.join(paths.state_dir(), interface or "offline", "spool")
@@ -61,20 +57,27 @@ def make_daemon_sinks(cfg: Any, interface: str | None) -> list:
             for s in sinks]
 
 
-def run_live(args: Any, cfg: Config,
-             load_config: Callable[[Any], Config] | None = None) -> int:
-    """``load_config(args)`` (from the CLI, passed down) reloads the config on SIGHUP."""
-    def make_sinks(c: Any) -> list:
+def run_live(args: argparse.Namespace, cfg: Config, *,
+             load_config: Callable[[], Config]) -> int:
+    """`load_config` re-reads the configuration on SIGHUP: it comes from the command line,
+    which sits above this layer, and is passed down."""
+    # first, while this process has a single thread: workers are forked from the forkserver,
+    # never from the supervisor once sink runners and the control server run (procs.py)
+    if worker_count(cfg) > 1:
+        start_forkserver()
+
+    def daemon_sinks(c: Config) -> list:
         return make_daemon_sinks(c, interface)
 
-    interface = getattr(args, "interface", None) or cfg.capture.interface
+    interface: str = getattr(args, "interface", None) or cfg.capture.interface or ""
     logs.setup(cfg, verbose=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
                interface=interface)
-    sinks = make_sinks(cfg)
+    sinks = daemon_sinks(cfg)
     for s in sinks:
         s.open()  # starts the sink's runner thread; the sink itself opens lazily
-    sup = Supervisor(cfg, args, sinks=sinks, interface=interface, notifier=Notifier(),
-                     make_sinks=make_sinks, load_config=load_config)
+    sup = Supervisor(cfg, sinks=sinks, interface=interface, count=getattr(args, "count", None),
+                     verbose=getattr(args, "verbose", 0), quiet=getattr(args, "quiet", False),
+                     notifier=Notifier(), load_config=load_config, make_sinks=daemon_sinks)
     control = start_control(control_socket_path(args, cfg, interface), cfg, sup)
     try:
         return sup.run()

@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
+from streamtap.config import Config
+
 LOGGER = "streamtap"
 PLAIN_FORMAT = "streamtap[%(process)d]: %(levelname)s: %(message)s"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -71,16 +73,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def level_for(cfg: Any, verbose: int = 0, quiet: bool = False) -> int:
+def level_for(cfg: Config, verbose: int = 0, quiet: bool = False) -> int:
     if verbose:
         return logging.DEBUG
     if quiet:
         return logging.WARNING
-    return LEVELS.get(getattr(getattr(cfg, "logging", None), "level", "info"), logging.INFO)
+    return LEVELS.get(cfg.logging.level, logging.INFO)
 
 
 def setup(
-    cfg: Any,
+    cfg: Config,
     *,
     verbose: int = 0,
     quiet: bool = False,
@@ -109,7 +111,7 @@ def setup(
             handler = None
     if handler is None:
         handler = logging.StreamHandler(stream or sys.stderr)
-        fmt = getattr(getattr(cfg, "logging", None), "format", "text")
+        fmt = cfg.logging.format
         handler.setFormatter(JsonFormatter() if fmt == "json" else
                              logging.Formatter(PLAIN_FORMAT))
     log.addHandler(handler)
@@ -118,6 +120,6 @@ def setup(
     return log
 
 
-def set_level(cfg: Any, verbose: int = 0, quiet: bool = False) -> None:
+def set_level(cfg: Config, verbose: int = 0, quiet: bool = False) -> None:
     """After a reload: the new ``logging.level`` (CLI -v/-q still win)."""
     logging.getLogger(LOGGER).setLevel(level_for(cfg, verbose, quiet))

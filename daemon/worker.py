@@ -1,28 +1,24 @@
 """One capture shard: a `LiveHandle` feeding a `Reassembler`, and the worker child process body.
 
 `Worker` is the loop's state; `worker_process` runs it inside a child started by the supervisor
-(multiprocessing, "fork" context). `Worker.__init__` runs before the fork and only stores its
-arguments (gunicorn G4): the handle and the reassembler are created in `start()`, in the child.
+(from the forkserver, :mod:`streamtap.procs`), and :class:`streamtap.procs.InprocWorker` runs it
+inside the supervisor when there is one worker. `Worker.__init__` only stores its arguments
+(gunicorn G4): the handle and the reassembler are created in `start()`, in the capturing process.
 
-Protocol with the supervisor (G2, G3, N4):
+Protocol with the supervisor (G2, G3, N4), every message a :mod:`streamtap.messages` type:
 
-- child → supervisor over `conn` (a `multiprocessing.Pipe` end):
-  ``("ready", index, pid)`` once the handle is open; ``("error", exit_code, message)`` when it
-  cannot open (the child then exits with that code: 1 interface/permission, 2 bad BPF: don't
-  respawn it, stop the daemon) or when a running capture fails (exit code 3, after flushing
-  its open streams to `queue` and its sentinel: the interface went down or was deleted;
-  respawning with backoff may help, and a respawn that cannot open exits 1);
-  ``("stats", dict)`` about every second, which is also the heartbeat
-  (`stats["last_progress"]` is the `time.monotonic()` of the last loop pass);
-  ``("reloaded", index)`` / ``("reload_failed", index, message)``; ``("stopped", index)`` last.
-- supervisor → child over `conn`: ``("stop",)``, ``("reload", cfg)``. EOF on `conn` (the
-  supervisor died) and SIGTERM act as ``("stop",)``; SIGINT and SIGHUP are ignored (a Ctrl-C
-  reaches the whole process group; the supervisor decides).
-- child → supervisor over `queue` (a bounded `multiprocessing.Queue`):
-  ``("streams", index, [Stream, ...])`` per tick with completions, and after the final streams
-  of a stop the sentinel ``("eof", index)``: once the supervisor has it, every stream of that
-  worker has arrived (the pipe and the queue are separate channels, so ``"stopped"`` on `conn`
-  may overtake the last streams on `queue`). Keep reading `queue` while joining a child.
+- over `conn` (a `multiprocessing.Pipe` end) the worker sends `Ready` once the handle is open;
+  `Failed(exit_code, message)` when it cannot open (the child then exits with that code: 1
+  interface/permission, 2 bad BPF: don't respawn it, stop the daemon) or when a running capture
+  fails (exit code 3, after flushing its open streams to `queue` and its `Eof`: the interface went
+  down or was deleted; respawning with backoff may help, and a respawn that cannot open exits 1);
+  `Stats` about every second, which is also the heartbeat; `Reloaded` / `ReloadFailed`;
+  `Stopped` last. It receives `Stop` and `Reload(cfg)`. EOF on `conn` (the supervisor died) and
+  SIGTERM act as `Stop`; SIGINT and SIGHUP are ignored (a Ctrl-C reaches the whole process
+  group; the supervisor decides).
+- over `queue` (a bounded `multiprocessing.Queue`): `Streams(index, [Stream, ...])` per tick
+  with completions, and after the final streams `Eof(index)`: once the supervisor has it, every
+  stream of that worker has arrived. Keep reading `queue` while joining a child.
 
 Back-pressure choice: capture never blocks on the queue. The kernel ring keeps filling while we
 wait, so blocking would turn a slow sink into kernel drops for *every* connection. Completed
@@ -41,8 +37,23 @@ import sys
 import time
 from typing import Any
 
+from streamtap.config import Config
+
 from .api import Reassembler
 from .capture import CaptureLost, CaptureOpenError, LiveHandle, fanout_group_id
+from .messages import (
+    Eof,
+    Failed,
+    Ready,
+    Reload,
+    Reloaded,
+    ReloadFailed,
+    Stats,
+    Stop,
+    Stopped,
+    Streams,
+    send,
+)
 from .pcapfmt import META
 from .stream import Stream
 
@@ -58,7 +69,7 @@ class Worker:
     captures, then `step()` in a loop; `stop()` flushes every open stream."""
 
     def __init__(
-        self, index: int, cfg: Any, *, interface: str, fanout: bool, count: int | None = None
+        self, index: int, cfg: Config, *, interface: str, fanout: bool, count: int | None = None
     ) -> None:
         self.index = index
         self.cfg = cfg
@@ -140,7 +151,7 @@ class Worker:
         })
         return out
 
-    def reload(self, cfg: Any) -> None:
+    def reload(self, cfg: Config) -> None:
         """SIGHUP: new BPF filter, then the reassembly limits/timeouts in place; open streams
         are kept. A bad filter raises `CaptureOpenError(exit_code=2)` and changes nothing.
         Interface, snaplen, buffer size, promiscuous mode and worker count need a restart."""
@@ -170,7 +181,7 @@ class _Flags:
 
 def worker_process(
     index: int,
-    cfg: Any,
+    cfg: Config,
     interface: str,
     fanout: bool,
     conn: Any,
@@ -181,7 +192,7 @@ def worker_process(
     stop, or with `CaptureOpenError.exit_code` if the handle cannot be opened."""
     flags = _Flags()
 
-    def on_term(signum, frame):  # G1: a handler only sets a flag
+    def on_term(signum: int, frame: Any) -> None:  # G1: a handler only sets a flag
         flags.stop = True
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -192,9 +203,9 @@ def worker_process(
     try:
         w.start()
     except CaptureOpenError as exc:
-        _send(conn, ("error", exc.exit_code, exc.message))
+        send(conn, Failed(exc.exit_code, exc.message))
         sys.exit(exc.exit_code)
-    _send(conn, ("ready", index, os.getpid()))
+    send(conn, Ready(index, os.getpid()))
 
     pending: list[Stream] = []
     next_stats = 0.0
@@ -204,12 +215,12 @@ def worker_process(
         except CaptureLost as exc:  # interface deleted/down: flush what we have, report, exit 3
             pending.extend(w.stop())
             _final_put(queue, index, pending, w)
-            _send(conn, ("stats", w.stats()))
-            _send(conn, ("error", exc.exit_code, exc.message))
+            send(conn, Stats(w.stats()))
+            send(conn, Failed(exc.exit_code, exc.message))
             sys.exit(exc.exit_code)
         if pending:
             try:
-                queue.put_nowait(("streams", index, pending))
+                queue.put_nowait(Streams(index, pending))
                 pending = []
             except queue_mod.Full:
                 if len(pending) > PENDING_MAX:
@@ -219,23 +230,16 @@ def worker_process(
         now = time.monotonic()
         if now >= next_stats:
             next_stats = now + STATS_EVERY
-            if not _send(conn, ("stats", w.stats())):
+            if not send(conn, Stats(w.stats())):
                 flags.stop = True
         stop = flags.stop or w.done
         try:
             while not stop and conn.poll(0):
                 msg = conn.recv()
-                if msg[0] == "stop":
+                if isinstance(msg, Stop):
                     stop = True
-                elif msg[0] == "reload":
-                    try:
-                        w.reload(msg[1])
-                    except CaptureOpenError as exc:
-                        _send(conn, ("reload_failed", index, exc.message))
-                    except Exception as exc:  # a bad config must not kill capture
-                        _send(conn, ("reload_failed", index, f"{type(exc).__name__}: {exc}"))
-                    else:
-                        _send(conn, ("reloaded", index))
+                elif isinstance(msg, Reload):
+                    send(conn, reload_worker(w, msg.cfg))
         except (EOFError, OSError):  # supervisor gone
             stop = True
         if stop:
@@ -243,28 +247,31 @@ def worker_process(
 
     pending.extend(w.stop())
     _final_put(queue, index, pending, w)
-    _send(conn, ("stats", w.stats()))
-    _send(conn, ("stopped", index))
+    send(conn, Stats(w.stats()))
+    send(conn, Stopped(index))
     sys.exit(0)
+
+
+def reload_worker(w: Worker, cfg: Config) -> Reloaded | ReloadFailed:
+    """Apply a `Reload`; the answer to send back. A bad config must not kill capture."""
+    try:
+        w.reload(cfg)
+    except CaptureOpenError as exc:
+        return ReloadFailed(w.index, exc.message)
+    except Exception as exc:
+        return ReloadFailed(w.index, f"{type(exc).__name__}: {exc}")
+    return Reloaded(w.index)
 
 
 def _final_put(queue: Any, index: int, streams: list[Stream], w: Worker) -> None:
     deadline = time.monotonic() + FINAL_PUT_TIMEOUT
-    items: list[tuple] = [("streams", index, streams)] if streams else []
-    items.append(("eof", index))
+    items: list[Streams | Eof] = [Streams(index, streams)] if streams else []
+    items.append(Eof(index))
     for item in items:
         try:
             queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
         except queue_mod.Full:
-            w.channel_dropped += len(item[2]) if item[0] == "streams" else 0
+            w.channel_dropped += len(item.streams) if isinstance(item, Streams) else 0
             # nobody is reading: don't let the queue's feeder thread hold the exit
             queue.cancel_join_thread()
             return
-
-
-def _send(conn: Any, msg: tuple) -> bool:
-    try:
-        conn.send(msg)
-        return True
-    except (OSError, EOFError):
-        return False

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,12 +121,17 @@ class Daemon:
         finally:
             c.close()
 
-    def children(self) -> list[int]:
-        out = []
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{self.pid}/task"):
-                with open(f"/proc/{self.pid}/task/{task}/children") as fh:
-                    out.extend(int(x) for x in fh.read().split())
+    def descendants(self) -> list[int]:
+        """Every process under the daemon: the forkserver, and the workers it forked."""
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as fh:
+                        kids = [int(x) for x in fh.read().split()]
+                    out.extend(kids)
+                    todo.extend(kids)
         return sorted(out)
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -273,8 +279,9 @@ def test_two_workers_survive_kill_9(daemon, net):
     d.wait_records(len(before))
     os.kill(kids[1], signal.SIGKILL)
     assert netns.wait_for(lambda: d.stderr().count("worker 1 capturing on") >= 2, 10), d.stderr()
-    new_kids = d.children()
-    assert len(new_kids) == 2 and kids[1] not in new_kids and kids[0] in new_kids
+    new_kids = [w["pid"] for w in d.status()["workers"]]
+    assert kids[0] == new_kids[0] and new_kids[1] != kids[1]
+    assert set(new_kids) <= set(d.descendants()) and kids[1] not in d.descendants()
     time.sleep(0.3)
     after = net.run_client(mix(net, 40, seed=2), parallel=4)
     records = d.wait_records(len(before) + len(after))
@@ -286,6 +293,55 @@ def test_two_workers_survive_kill_9(daemon, net):
     assert d.stop() == 0
     assert_from_daemon_pid(d)
     assert d.lines().count("READY=1") == 1
+
+
+def ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_worker_respawned_while_sinks_and_control_are_busy_captures(daemon, net):
+    """Fork safety: while the sink runner writes and the control server answers (threads of the
+    supervisor), a worker killed and respawned comes up and captures. Workers are forked by the
+    forkserver, never by the supervisor: their parent is the forkserver, the daemon's child."""
+    d = daemon(workers=2)
+    d.wait_msg("READY=1")
+    kids = [w["pid"] for w in d.status()["workers"]]
+    server = {ppid(k) for k in kids}
+    assert len(server) == 1 and d.pid not in server and ppid(server.pop()) == d.pid
+    stop, answered = threading.Event(), [0]
+
+    def hammer() -> None:  # keep the control server's thread busy
+        while not stop.is_set():
+            assert d.status() is not None
+            answered[0] += 1
+
+    pollers = [threading.Thread(target=hammer, daemon=True) for _ in range(2)]
+    for t in pollers:
+        t.start()
+    busy = net.client_popen(mix(net, 80, big=2, seed=3), parallel=4)  # keep the sink busy
+    try:
+        time.sleep(0.5)
+        os.kill(kids[1], signal.SIGKILL)
+        assert netns.wait_for(lambda: d.stderr().count("worker 1 capturing on") >= 2, 10), \
+            d.stderr()
+        busy.communicate(timeout=60)
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(10)
+    assert answered[0] > 10
+    st = d.status()
+    new = st["workers"][1]["pid"]
+    assert new != kids[1] and ppid(new) == ppid(kids[0])  # from the same forkserver
+    base = st["workers"][1]["received"]
+    after = net.run_client(mix(net, 30, seed=4), parallel=4)
+    ports = {c["port"] for c in after}
+    netns.wait_for(lambda: ports <= {r["source"]["port"] for r in d.records()}, 20, every=0.2)
+    assert_exact(after, d.records())
+    assert netns.wait_for(lambda: d.status()["workers"][1]["received"] > base, 5)
+    assert d.status()["worker_restarts"] == 1
+    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])

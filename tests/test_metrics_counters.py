@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import tempfile
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,11 @@ from streamtap import config as cfgmod
 from streamtap import metrics
 from streamtap.api import Reassembler
 from streamtap.control import ControlServer
+from streamtap.counters import GAUGES, META_KEYS
 from streamtap.ctl import UnixHTTPConnection
+from streamtap.messages import Stats
 from streamtap.notify import Notifier
-from streamtap.supervisor import GAUGES, META_KEYS, Supervisor
+from streamtap.supervisor import Supervisor
 from streamtap.worker import Worker
 
 T0 = 1700000000.0
@@ -86,7 +87,7 @@ def run_inproc(cfg: Any, frames: list[Frame]) -> tuple[Supervisor, EngineWorker,
         return w
 
     sink = Sink()
-    sup = Supervisor(cfg, types.SimpleNamespace(interface="eth9", count=None), sinks=[sink],
+    sup = Supervisor(cfg, interface="eth9", sinks=[sink],
                      notifier=Notifier(send=lambda s: True), make_worker=make_worker)
     assert sup.run() == 0
     return sup, made[0], sink
@@ -279,21 +280,30 @@ def test_engine_counters_are_all_declared_metrics(short_dir: Path) -> None:
 
 
 class FakeProc:
+    inline = False
+    eof = False
+
     def __init__(self, index: int, pid: int) -> None:
         self.index, self.pid = index, pid
-        self.inbox: list[tuple] = []
+        self.inbox: list[Any] = []
         self.code: int | None = None
+
+    def step(self, timeout: float) -> None:
+        pass
 
     def exitcode(self) -> int | None:
         return self.code
 
+    def abort(self) -> None:
+        pass
+
     def kill(self) -> None:
         self.code = -9
 
-    def send(self, msg: tuple) -> bool:
+    def send(self, msg: Any) -> bool:
         return self.code is None
 
-    def messages(self) -> list[tuple]:
+    def messages(self) -> list[Any]:
         out, self.inbox = self.inbox, []
         return out
 
@@ -318,7 +328,7 @@ def test_a_counter_added_later_reaches_status_and_metrics(short_dir: Path,
         return procs[-1]
 
     cfg = cfgmod.load(None, {"capture": {"interface": "eth9", "workers": 2}})
-    sup = Supervisor(cfg, types.SimpleNamespace(interface="eth9", count=None), sinks=[],
+    sup = Supervisor(cfg, interface="eth9", sinks=[],
                      notifier=Notifier(send=lambda s: True), spawn=spawn)
     sup.start_workers()
 
@@ -328,14 +338,14 @@ def test_a_counter_added_later_reaches_status_and_metrics(short_dir: Path,
         w.start()
         assert w.reassembler is not None
         w.reassembler.table.stats.update(table_counts)
-        [p for p in procs if p.index == index][-1].inbox.append(("stats", w.stats()))
+        [p for p in procs if p.index == index][-1].inbox.append(Stats(w.stats()))
 
     heartbeat(0, late_filled_segments=3, late_filled_bytes=1400, late_dropped_after_emit=1)
     heartbeat(1, late_filled_segments=4, late_filled_bytes=100)
     sup.run_pass()
     procs[1].code = -9                       # worker 1 dies: its counts must stay
     sup.run_pass()
-    sup.clock = lambda: 1e12                 # past the restart backoff
+    sup.clock = sup.pool.clock = lambda: 1e12  # past the restart backoff
     sup.run_pass()
     heartbeat(1, late_filled_segments=1, late_filled_bytes=10)
     sup.run_pass()

@@ -10,14 +10,26 @@ import io
 import logging
 import os
 import signal
-import types
 
 import pytest
 
 from streamtap import config as cfgmod
 from streamtap import logs
+from streamtap.capture import CaptureOpenError
+from streamtap.messages import (
+    Eof,
+    Ready,
+    Reload,
+    Reloaded,
+    ReloadFailed,
+    Stats,
+    Stop,
+    Stopped,
+    Streams,
+)
+from streamtap.messages import Failed as Error
 from streamtap.notify import Notifier
-from streamtap.supervisor import HaltServer, Supervisor, backoff_delay
+from streamtap.supervisor import HaltServer, Supervisor
 
 
 class Clock:
@@ -37,11 +49,20 @@ class FakeProc:
         self.queue: list[tuple] = []       # stream batches
         self.sent: list[tuple] = []        # what we sent it
         self.code: int | None = None
-        self.killed = False
+        self.killed = self.aborted = False
         self.closed = False
+
+    inline = False
+    eof = False
+
+    def step(self, timeout):
+        pass
 
     def exitcode(self):
         return self.code
+
+    def abort(self):
+        self.aborted = True
 
     def kill(self):
         self.killed = True
@@ -57,7 +78,9 @@ class FakeProc:
 
     def batches(self, limit):
         out, self.queue = self.queue[:limit], self.queue[limit:]
-        return out
+        if out and isinstance(out[-1], Eof):
+            self.eof = True
+        return [b.streams for b in out if isinstance(b, Streams)]
 
     def waitables(self):
         return []
@@ -71,7 +94,7 @@ class Spawner:
         self.procs: list[FakeProc] = []
         self.next_pid = 100
 
-    def __call__(self, index, cfg, interface, fanout, count, close_fds):
+    def __call__(self, index, cfg, interface, count):
         self.next_pid += 1
         p = FakeProc(index, self.next_pid)
         p.cfg = cfg
@@ -132,16 +155,15 @@ def make(workers=2, **kw):
     spawner = Spawner()
     notifier = FakeNotifier()
     sink = Sink()
-    sup = Supervisor(cfg_with(workers), types.SimpleNamespace(interface="eth9", count=None,
-                                                              verbose=0, quiet=False),
-                     sinks=[sink], notifier=notifier, spawn=spawner, clock=clock, **kw)
+    sup = Supervisor(cfg_with(workers), interface="eth9", sinks=[sink], notifier=notifier,
+                     spawn=spawner, clock=clock, **kw)
     return sup, clock, spawner, notifier, sink
 
 
 def all_ready(sup, spawner):
     for s in sup.slots:
         p = spawner.current(s.index)
-        p.inbox.append(("ready", s.index, p.pid))
+        p.inbox.append(Ready(s.index, p.pid))
     sup.run_pass()
 
 
@@ -176,18 +198,18 @@ def test_sigterm_stops_workers_and_exits_after_they_stopped():
     all_ready(sup, spawner)
     sup.signal(signal.SIGTERM)
     sup.dispatch_signals()
-    assert all(p.sent == [("stop",)] for p in spawner.procs)
+    assert all(p.sent == [Stop()] for p in spawner.procs)
     assert notifier.msgs[-1] == "STOPPING=1"
     assert not sup.finished()
     for p in spawner.procs:
-        p.queue.append(("streams", p.index, [f"open-{p.index}"]))
-        p.queue.append(("eof", p.index))
-        p.inbox.append(("stopped", p.index))
+        p.queue.append(Streams(p.index, [f"open-{p.index}"]))
+        p.queue.append(Eof(p.index))
+        p.inbox.append(Stopped(p.index))
         p.code = 0
     sup.run_pass()
     assert sup.finished()
     assert sorted(sink.written) == ["open-0", "open-1"]
-    assert sup.worker_restarts == 0 and len(spawner.procs) == 2
+    assert sup.counters.worker_restarts == 0 and len(spawner.procs) == 2
 
 
 def test_shutdown_timeout_kills_what_is_left(monkeypatch):
@@ -205,16 +227,11 @@ def test_shutdown_timeout_kills_what_is_left(monkeypatch):
 # --------------------------------------------------------------------------- restarts (G3)
 
 
-def test_backoff_sequence():
-    assert [backoff_delay(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
-    assert backoff_delay(0) == 0
-
-
 def test_crashing_worker_restarts_with_backoff_and_is_counted():
     sup, clock, spawner, notifier, sink = make()
     sup.start_workers()
     all_ready(sup, spawner)
-    sup.heartbeat_timeout = 1e9   # only crashes here, no murders
+    sup.pool.heartbeat_timeout = 1e9   # only crashes here, no murders
     delays = []
     for _ in range(8):
         p = spawner.current(1)
@@ -231,15 +248,15 @@ def test_crashing_worker_restarts_with_backoff_and_is_counted():
         assert slot.proc is spawner.current(1) and slot.proc is not p
         # the new one sends heartbeats, but dies quickly again
         clock.t += 0.5
-        spawner.current(1).inbox.append(("ready", 1, 0))
+        spawner.current(1).inbox.append(Ready(1, 0))
     assert delays == [1, 2, 4, 8, 16, 32, 60, 60]
-    assert sup.worker_restarts == 8
+    assert sup.counters.worker_restarts == 8
     assert sup.state()["worker_restarts"] == 8
     # a worker that lived long enough starts afresh
-    clock.t += sup.backoff_reset + 1
+    clock.t += sup.pool.backoff_reset + 1
     for p in spawner.procs[:1]:
-        p.inbox.append(("stats", stats(0)))
-    spawner.current(1).inbox.append(("stats", stats(1)))
+        p.inbox.append(Stats(stats(0)))
+    spawner.current(1).inbox.append(Stats(stats(1)))
     sup.run_pass()
     spawner.current(1).code = 1                   # a runtime failure after ready: restart
     sup.run_pass()
@@ -251,13 +268,13 @@ def test_boot_error_halts_with_its_exit_code(code):
     sup, clock, spawner, notifier, sink = make()
     sup.start_workers()
     p = spawner.current(0)
-    p.inbox.append(("error", code, "capture: no such device eth9"))
+    p.inbox.append(Error(code, "capture: no such device eth9"))
     p.code = code
     with pytest.raises(HaltServer) as ei:
         sup.run_pass()
     assert ei.value.exit_status == code
     assert "no such device" in ei.value.reason
-    spawner.current(1).inbox.append(("stopped", 1))
+    spawner.current(1).inbox.append(Stopped(1))
     spawner.current(1).code = 0
     sup.halt(ei.value)
     assert sup.exit_status == code
@@ -271,27 +288,26 @@ def test_boot_error_through_run_loop():
 
     def spawn(*a):
         p = Spawner.__call__(spawner, *a)
-        p.inbox.append(("error", 2, "bad filter: syntax error"))
+        p.inbox.append(Error(2, "bad filter: syntax error"))
         p.code = 2
         return p
 
-    sup._spawn = spawn
+    sup.pool.spawn = spawn
     assert sup.run() == 2
     assert "flush" in sink.events and "close" in sink.events
 
 
 def test_inprocess_boot_error_returns_its_code():
-    class Err(Exception):
-        exit_code = 1
-
     class W:
         def __init__(self, *a, **kw):
             pass
 
         def start(self):
-            raise Err("eth9: no such device")
+            raise CaptureOpenError("eth9: no such device", exit_code=1)
 
-    sup, clock, spawner, notifier, sink = make(workers=1, make_worker=W)
+    notifier = FakeNotifier()
+    sup = Supervisor(cfg_with(1), interface="eth9", sinks=[Sink()], notifier=notifier,
+                     make_worker=W)
     assert sup.run() == 1
     assert notifier.msgs == ["STOPPING=1"]
 
@@ -299,23 +315,53 @@ def test_inprocess_boot_error_returns_its_code():
 # --------------------------------------------------------------------------- heartbeat (G2)
 
 
-def test_silent_worker_is_murdered_then_restarted():
+def test_silent_worker_gets_sigabrt_then_sigkill_then_is_restarted(caplog):
     sup, clock, spawner, notifier, sink = make()
     sup.start_workers()
     all_ready(sup, spawner)
-    for _ in range(12):
-        clock.t += 1
-        spawner.current(0).inbox.append(("stats", stats(0)))   # worker 0 keeps talking
-        sup.run_pass()
     victim = spawner.procs[1]
-    assert victim.killed and not spawner.procs[0].killed
-    clock.t += 1
-    sup.run_pass()   # reaped (exit -9): restart scheduled after 1 s
+    for _ in range(11):
+        clock.t += 1
+        spawner.current(0).inbox.append(Stats(stats(0)))   # worker 0 keeps talking
+        sup.run_pass()
+    # silent for 11 s > heartbeat_timeout: SIGABRT first, so its stack reaches the log
+    assert victim.aborted and not victim.killed
+    assert not spawner.procs[0].aborted and not spawner.procs[0].killed
+    assert "silent for 11 s: aborting it" in caplog.text
+    clock.t += sup.pool.abort_grace - 0.1
+    spawner.current(0).inbox.append(Stats(stats(0)))
     sup.run_pass()
+    assert not victim.killed                               # the grace is not over
+    clock.t += 0.2
+    spawner.current(0).inbox.append(Stats(stats(0)))
+    sup.run_pass()
+    assert victim.killed                                   # survived SIGABRT: SIGKILL
+    assert "survived SIGABRT: killing it" in caplog.text
+    sup.run_pass()   # reaped (exit -9): restart scheduled after 1 s
     clock.t += 1.01
+    spawner.current(0).inbox.append(Stats(stats(0)))
     sup.run_pass()
     assert spawner.current(1) is not victim
-    assert sup.worker_restarts == 1
+    assert sup.counters.worker_restarts == 1
+
+
+def test_worker_dying_of_sigabrt_is_not_killed_again():
+    sup, clock, spawner, notifier, sink = make()
+    sup.start_workers()
+    all_ready(sup, spawner)
+    sup.pool.heartbeat_timeout = 1.0
+    clock.t += 1.5
+    sup.run_pass()
+    victim = spawner.procs[1]
+    assert victim.aborted and spawner.procs[0].aborted
+    for p in spawner.procs:
+        p.code = -signal.SIGABRT                           # faulthandler dumped, it died
+    sup.run_pass()
+    assert all(not p.killed for p in spawner.procs[:2])
+    assert all(s.proc is None and s.restart_at is not None for s in sup.slots)
+    clock.t += sup.pool.abort_grace + 1.1
+    sup.run_pass()
+    assert len(spawner.procs) == 4 and sup.slots[1].aborted_at is None
 
 
 # --------------------------------------------------------------------------- counters
@@ -325,10 +371,10 @@ def test_counters_are_cumulative_over_worker_deaths():
     sup, clock, spawner, notifier, sink = make()
     sup.start_workers()
     all_ready(sup, spawner)
-    spawner.current(0).inbox.append(("stats", stats(0, packets=100, received=110,
+    spawner.current(0).inbox.append(Stats(stats(0, packets=100, received=110,
                                                     streams={"fin": 3}, flows_active=2,
                                                     malformed={"short": 1})))
-    spawner.current(1).inbox.append(("stats", stats(1, packets=50, received=50,
+    spawner.current(1).inbox.append(Stats(stats(1, packets=50, received=50,
                                                     streams={"fin": 1, "rst": 1},
                                                     flows_active=4)))
     sup.run_pass()
@@ -344,7 +390,7 @@ def test_counters_are_cumulative_over_worker_deaths():
     assert st["workers"][1]["alive"] is False and st["workers"][1]["packets"] == 50
     clock.t += 1.5
     sup.run_pass()                                     # respawned
-    spawner.current(1).inbox.append(("stats", stats(1, packets=7, streams={"fin": 2})))
+    spawner.current(1).inbox.append(Stats(stats(1, packets=7, streams={"fin": 2})))
     sup.run_pass()
     st = sup.state()
     assert st["packets"] == 157 and st["streams"] == {"fin": 6, "rst": 1}
@@ -368,10 +414,10 @@ def test_ready_only_after_every_worker_and_watchdog_only_while_all_alive():
     clock.t += 2
     sup.run_pass()
     assert notifier.msgs == []                    # nobody ready: no READY, no WATCHDOG
-    spawner.current(0).inbox.append(("ready", 0, 1))
+    spawner.current(0).inbox.append(Ready(0, 1))
     sup.run_pass()
     assert "READY=1" not in notifier.msgs
-    spawner.current(1).inbox.append(("ready", 1, 2))
+    spawner.current(1).inbox.append(Ready(1, 2))
     sup.run_pass()
     assert notifier.msgs[0] == "READY=1"
     first = notifier.msgs.count("WATCHDOG=1")
@@ -384,23 +430,23 @@ def test_ready_only_after_every_worker_and_watchdog_only_while_all_alive():
     for _ in range(3):
         clock.t += 0.5
         for p in spawner.procs:
-            p.inbox.append(("stats", stats(p.index)))
+            p.inbox.append(Stats(stats(p.index)))
         sup.run_pass()
     assert notifier.msgs.count("WATCHDOG=1") == n  # silent while it is down
-    spawner.current(1).inbox.append(("ready", 1, 3))
+    spawner.current(1).inbox.append(Ready(1, 3))
     clock.t += 1.0
     sup.run_pass()
     assert notifier.msgs.count("WATCHDOG=1") == n + 1
     assert notifier.msgs.count("READY=1") == 1     # a restart is not a second READY
     clock.t += 5
-    spawner.current(0).inbox.append(("stats", stats(0)))
-    spawner.current(1).inbox.append(("stats", stats(1)))
+    spawner.current(0).inbox.append(Stats(stats(0)))
+    spawner.current(1).inbox.append(Stats(stats(1)))
     sup.run_pass()
     assert any(m.startswith("STATUS=") and "packets/s" in m for m in notifier.msgs)
 
 
 def test_first_ready_carries_status_in_the_same_datagram():
-    sup, clock, spawner, notifier, sink = make(load_config=lambda a: cfg_with(2),
+    sup, clock, spawner, notifier, sink = make(load_config=lambda: cfg_with(2),
                                                make_sinks=lambda c: [Sink()])
     sup.start_workers()
     all_ready(sup, spawner)
@@ -408,13 +454,14 @@ def test_first_ready_carries_status_in_the_same_datagram():
     assert notifier.sent[0] == "READY=1\nSTATUS=capturing on eth9, 2 workers"
     sup.handle_hup()                              # a reload's READY=1 needs no STATUS
     for p in spawner.procs:
-        p.inbox.append(("reloaded", p.index))
+        p.inbox.append(Reloaded(p.index))
     sup.run_pass()
     assert notifier.sent[-1] == "READY=1"
 
-    inproc = Supervisor(cfg_with(1), types.SimpleNamespace(interface="eth9", count=None),
-                        sinks=[Sink()], notifier=FakeNotifier(None), make_worker=InprocWorker)
+    inproc = Supervisor(cfg_with(1), interface="eth9", sinks=[Sink()],
+                        notifier=FakeNotifier(None), make_worker=InprocWorker)
     inproc.start_workers()
+    inproc.run_pass()
     assert inproc.notifier.sent == ["READY=1\nSTATUS=capturing on eth9, 1 worker"]
 
 
@@ -446,7 +493,7 @@ def test_notifier_is_silent_off_systemd_and_in_other_pids(monkeypatch):
 def test_invalid_config_on_sighup_keeps_the_old_one(caplog):
     from streamtap.cli import UsageError
 
-    def bad(args):
+    def bad():
         raise UsageError("config.yaml:3: capture.snaplen: expected an integer")
 
     made = []
@@ -461,14 +508,14 @@ def test_invalid_config_on_sighup_keeps_the_old_one(caplog):
     assert sup.cfg is old and sup.sinks == [sink] and made == []
     assert "capture.snaplen" in caplog.text
     assert "RELOADING=1" not in notifier.msgs
-    assert all(("reload", old) not in p.sent for p in spawner.procs)
+    assert all(Reload(old) not in p.sent for p in spawner.procs)
     assert "close" not in sink.events  # the old sink stays
 
 
 def test_valid_sighup_rebuilds_sinks_and_reloads_workers():
     new_cfg = cfg_with(2, filter="tcp port 80")
     new_sink = Sink("new")
-    sup, clock, spawner, notifier, sink = make(load_config=lambda a: new_cfg,
+    sup, clock, spawner, notifier, sink = make(load_config=lambda: new_cfg,
                                                make_sinks=lambda c: [new_sink])
     sup.start_workers()
     all_ready(sup, spawner)
@@ -476,11 +523,11 @@ def test_valid_sighup_rebuilds_sinks_and_reloads_workers():
     assert notifier.msgs[-1] == "RELOADING=1"
     assert sink.events[-2:] == ["flush", "close"] and new_sink.events == ["open"]
     assert sup.cfg is new_cfg and sup.sinks == [new_sink]
-    assert all(p.sent == [("reload", new_cfg)] for p in spawner.procs)
-    spawner.current(0).inbox.append(("reloaded", 0))
+    assert all(p.sent == [Reload(new_cfg)] for p in spawner.procs)
+    spawner.current(0).inbox.append(Reloaded(0))
     sup.run_pass()
     assert notifier.msgs[-1] != "READY=1"        # one worker still busy
-    spawner.current(1).inbox.append(("reload_failed", 1, "bad filter"))
+    spawner.current(1).inbox.append(ReloadFailed(1, "bad filter"))
     sup.run_pass()
     assert notifier.msgs[-1] == "READY=1"
     # a worker restarted later gets the new config
@@ -496,6 +543,7 @@ def test_valid_sighup_rebuilds_sinks_and_reloads_workers():
 
 class InprocWorker:
     def __init__(self, index, cfg, *, interface, fanout, count=None):
+        self.index = index
         self.count, self.done, self.steps, self.reloaded = count, False, 0, []
 
     def start(self):
@@ -521,7 +569,7 @@ def test_inprocess_count_reached_exits_0_after_flushing():
     clock = Clock()
     sink = Sink()
     notifier = FakeNotifier(None)
-    sup = Supervisor(cfg_with(1), types.SimpleNamespace(interface="eth9", count=3),
+    sup = Supervisor(cfg_with(1), interface="eth9", count=3,
                      sinks=[sink], notifier=notifier, make_worker=InprocWorker, clock=clock)
     assert sup.run() == 0
     assert sink.written == ["s1", "s2", "s3", "open-shutdown"]
@@ -533,7 +581,7 @@ def test_inprocess_count_reached_exits_0_after_flushing():
 def test_inprocess_sigterm_flushes_open_streams(monkeypatch):
     sink = Sink()
     notifier = FakeNotifier(None)
-    sup = Supervisor(cfg_with(1), types.SimpleNamespace(interface="eth9", count=None),
+    sup = Supervisor(cfg_with(1), interface="eth9",
                      sinks=[sink], notifier=notifier, make_worker=InprocWorker)
     orig = InprocWorker.step
 
@@ -551,12 +599,13 @@ def test_inprocess_sigterm_flushes_open_streams(monkeypatch):
 def test_inprocess_reload_and_ingest_delivery():
     new_cfg = cfg_with(1)
     sink2 = Sink("2")
-    sup = Supervisor(cfg_with(1), types.SimpleNamespace(interface="eth9", count=None),
+    sup = Supervisor(cfg_with(1), interface="eth9",
                      sinks=[Sink()], notifier=FakeNotifier(None), make_worker=InprocWorker,
-                     load_config=lambda a: new_cfg, make_sinks=lambda c: [sink2])
+                     load_config=lambda: new_cfg, make_sinks=lambda c: [sink2])
     sup.start_workers()
+    sup.run_pass()
     sup.handle_hup()
-    assert sup.inproc.reloaded == [new_cfg]
+    assert sup.slots[0].proc.worker.reloaded == [new_cfg]
     assert sup.notifier.msgs == ["READY=1", "RELOADING=1", "READY=1"]
     sup.deliver(["ingested"])
     sup.run_pass()
@@ -618,3 +667,22 @@ def test_journal_handler_fields(monkeypatch):
     assert kw["SYSLOG_IDENTIFIER"] == "streamtap" and kw["STREAMTAP_INTERFACE"] == "eth9"
     assert kw["STREAMTAP_WORKER"] == 3
     logs.setup(cfg_with(1), stream=io.StringIO())
+
+
+def test_a_stopped_worker_without_eof_is_reported_as_losing_streams(caplog):
+    sup, clock, spawner, notifier, sink = make()
+    sup.start_workers()
+    all_ready(sup, spawner)
+    sup.handle_term()
+    p0, p1 = spawner.procs
+    p0.queue += [Streams(0, ["a"]), Eof(0)]
+    p1.queue += [Streams(1, ["b"])]             # its Eof never came: the queue was cut short
+    for p in (p0, p1):
+        p.inbox.append(Stopped(p.index))
+        p.code = 0
+    with caplog.at_level(logging.ERROR, logger="streamtap"):
+        sup.run_pass()
+    assert sup.finished() and sorted(sink.written) == ["a", "b"]
+    assert p0.eof and not p1.eof
+    assert "worker 1 exited before its last streams arrived" in caplog.text
+    assert "worker 0 exited before" not in caplog.text

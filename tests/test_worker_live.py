@@ -12,6 +12,18 @@ import pytest
 
 from streamtap import config
 from streamtap.capture import CaptureOpenError
+from streamtap.messages import (
+    Eof,
+    Failed,
+    Ready,
+    Reload,
+    Reloaded,
+    ReloadFailed,
+    Stats,
+    Stop,
+    Stopped,
+    Streams,
+)
 from streamtap.worker import Worker, worker_process
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -156,16 +168,16 @@ def test_reload_keeps_open_streams(net):
         w.stop()
 
 
-def _recv(conn, kind: str, timeout: float = 5.0):
+def _recv(conn, kind: type, timeout: float = 5.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if conn.poll(0.05):
             msg = conn.recv()
-            if msg[0] == kind:
+            if isinstance(msg, kind):
                 return msg
-            if msg[0] == "error":
+            if isinstance(msg, Failed):
                 raise AssertionError(msg)
-    raise AssertionError(f"no {kind!r} within {timeout}s")
+    raise AssertionError(f"no {kind.__name__} within {timeout}s")
 
 
 def test_worker_process_protocol(net):
@@ -177,9 +189,9 @@ def test_worker_process_protocol(net):
                         args=(3, _cfg(), net.veth_b, True, child, q))
         p.start()
     try:
-        ready = _recv(parent, "ready")
-        assert ready == ("ready", 3, p.pid)
-        stats = _recv(parent, "stats")[1]
+        ready = _recv(parent, Ready)
+        assert ready == Ready(3, p.pid)
+        stats = _recv(parent, Stats).stats
         assert stats["index"] == 3 and stats["pid"] == p.pid
         net.start_server()
         res = net.run_client([(net.ip4_b, 70_000, 90_000), (net.ip6_b, 10, 20)])
@@ -187,11 +199,11 @@ def test_worker_process_protocol(net):
         end = time.monotonic() + 5
         while len(streams) < 2 and time.monotonic() < end:
             try:
-                kind, idx, batch = q.get(timeout=0.2)
+                item = q.get(timeout=0.2)
             except Exception:
                 continue
-            assert (kind, idx) == ("streams", 3)
-            streams.extend(batch)
+            assert isinstance(item, Streams) and item.index == 3
+            streams.extend(item.streams)
         by_port = {s.client[1]: s for s in streams}
         for r in res:
             assert _sha(by_port[r["port"]].client_data) == r["sent"]
@@ -199,20 +211,20 @@ def test_worker_process_protocol(net):
         # an open connection comes back as "shutdown" after stop
         client = net.client_popen([(net.ip4_b, 500, 10)], hold=30, parallel=1)
         time.sleep(0.5)
-        parent.send(("reload", _cfg(**{"capture.filter": "tcp"})))
-        assert _recv(parent, "reloaded") == ("reloaded", 3)
-        parent.send(("reload", _cfg(**{"capture.filter": "tcp and and"})))
-        failed = _recv(parent, "reload_failed")
-        assert failed[1] == 3 and "syntax error" in failed[2]
-        parent.send(("stop",))
-        assert _recv(parent, "stopped") == ("stopped", 3)
+        parent.send(Reload(_cfg(**{"capture.filter": "tcp"})))
+        assert _recv(parent, Reloaded) == Reloaded(3)
+        parent.send(Reload(_cfg(**{"capture.filter": "tcp and and"})))
+        failed = _recv(parent, ReloadFailed)
+        assert failed.index == 3 and "syntax error" in failed.message
+        parent.send(Stop())
+        assert _recv(parent, Stopped) == Stopped(3)
         final = []
         while True:
             item = q.get(timeout=5)
-            if item[0] == "eof":
-                assert item == ("eof", 3)
+            if isinstance(item, Eof):
+                assert item == Eof(3)
                 break
-            final.extend(item[2])
+            final.extend(item.streams)
         client.kill()
         assert [s.close_reason for s in final] == ["shutdown"]
         assert len(final[0].client_data) == 500
@@ -233,7 +245,7 @@ def test_worker_process_open_error_exit_code():
     p.join(10)
     assert p.exitcode == 1
     msg = parent.recv()
-    assert msg[0] == "error" and msg[1] == 1 and "nosuch0" in msg[2]
+    assert isinstance(msg, Failed) and msg.exit_code == 1 and "nosuch0" in msg.message
 
 
 def test_worker_process_count_stops_by_itself(net):
@@ -246,16 +258,16 @@ def test_worker_process_count_stops_by_itself(net):
                         kwargs={"count": 5})
         p.start()
     try:
-        _recv(parent, "ready")
+        _recv(parent, Ready)
         net.start_server()
         net.run_client([(net.ip4_b, 1000, 1000)])
-        assert _recv(parent, "stopped") == ("stopped", 0)
+        assert _recv(parent, Stopped) == Stopped(0)
         items = [q.get(timeout=5)]
-        while items[-1][0] != "eof":
+        while not isinstance(items[-1], Eof):
             items.append(q.get(timeout=5))
         p.join(5)
         assert p.exitcode == 0
-        streams = [s for it in items if it[0] == "streams" for s in it[2]]
+        streams = [s for it in items if isinstance(it, Streams) for s in it.streams]
         assert sum(s.client_packets + s.server_packets for s in streams) == 5
     finally:
         if p.is_alive():
@@ -271,7 +283,7 @@ def test_worker_process_interface_lost_flushes_and_exits_3(net):
         p = ctx.Process(target=worker_process, args=(1, _cfg(), net.veth_b, False, child, q))
         p.start()
     try:
-        _recv(parent, "ready")
+        _recv(parent, Ready)
         net.start_server()
         client = net.client_popen([(net.ip4_b, 700, 10)], hold=30, parallel=1)
         time.sleep(0.5)
@@ -281,14 +293,14 @@ def test_worker_process_interface_lost_flushes_and_exits_3(net):
         msg = None
         while time.monotonic() < end and parent.poll(0.1):
             msg = parent.recv()
-            if msg[0] == "error":
+            if isinstance(msg, Failed):
                 break
-        assert msg is not None and msg[0] == "error" and msg[1] == 3, msg
-        assert "went down" in msg[2] or "capture failed" in msg[2]
+        assert isinstance(msg, Failed) and msg.exit_code == 3, msg
+        assert "went down" in msg.message or "capture failed" in msg.message
         items = [q.get(timeout=5)]
-        while items[-1][0] != "eof":
+        while not isinstance(items[-1], Eof):
             items.append(q.get(timeout=5))
-        streams = [s for it in items if it[0] == "streams" for s in it[2]]
+        streams = [s for it in items if isinstance(it, Streams) for s in it.streams]
         assert [(s.close_reason, len(s.client_data)) for s in streams] == [("shutdown", 700)]
         p.join(5)
         assert p.exitcode == 3
