@@ -29,7 +29,7 @@ class Half:
         "flow", "peer", "is_client", "ip", "port",
         "next", "off", "buf", "room", "ooo", "ooo_bytes", "gaps",
         "isn", "syn", "fin", "fin_off", "rst", "packets", "seen",
-        "retrans", "overlaps", "depth_dropped", "late",
+        "retrans", "overlaps", "depth_dropped", "late", "base", "pbase", "pkt0",
     )
 
     def __init__(self, ip: bytes, port: int, room: int) -> None:
@@ -58,6 +58,10 @@ class Half:
         self.overlaps = 0       # segments whose bytes conflicted with bytes already held
         self.depth_dropped = 0
         self.late = 0           # bytes that filled a range already skipped as a gap
+        # parts (DESIGN "Parts"): `buf` holds only the current part; these say where it starts
+        self.base = 0           # delivered bytes emitted in earlier parts (the part's offset)
+        self.pbase = 0          # sequence-space offset where the current part starts
+        self.pkt0 = 0           # packets counted in earlier parts
 
 
 def rel_offset(h: Half, seq: int) -> int:
@@ -117,7 +121,7 @@ def drain(h: Half, table) -> None:
 def _locate(h: Half, i: int) -> tuple[int, bool, int]:
     """Where offset `i` (< h.off) lies: (index of the first gap ending after `i`, whether `i`
     is inside that gap, position in `buf` of `i` or, inside a gap, of the gap)."""
-    base_off = base_pos = 0
+    base_off, base_pos = h.pbase, 0
     for k, (g_off, g_len, g_pos) in enumerate(h.gaps):
         if i < g_off:
             return k, False, base_pos + (i - base_off)
@@ -263,6 +267,16 @@ def segment(h: Half, seq: int, data: bytes, missing: int, policy_last: bool, tab
     """Every data segment that is not the plain in-order case lands here."""
     n = len(data)
     off = rel_offset(h, seq)
+    if off < h.pbase and h.pbase > 0:
+        # bytes of a part already emitted: a retransmission, or a late fill that came too late
+        # (a hole stays fillable only until its part is emitted); not delivered, counted
+        cut = min(n, h.pbase - off)
+        table.stats["part_late_bytes"] += cut
+        data = data[cut:]
+        off += cut
+        n = len(data)
+        if not n and not missing:
+            return
     if off < h.off:
         # starts in what was delivered: compare (and maybe overwrite) that part, keep the rest
         if off + n <= h.off:

@@ -78,6 +78,9 @@ class Stream:
     packets: list[tuple[float, int, bytes]] | None = None
     linktype: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    part: int = 0
+    client_offset: int = 0
+    server_offset: int = 0
 
     @property
     def missed_bytes(self) -> int:
