@@ -43,6 +43,8 @@ BIT_D = BIT["D"]
 # one pure SYN is an `Embryo`; anything more makes it a full `Flow` with its two `Half`s.
 EMBRYO_BYTES = 400
 FLOW_BYTES = 2048
+# A pure SYN: none of the other flags that change a flow (ECE/CWR, ECN negotiation, may be set)
+SYN_ONLY_MASK = TH_FIN | TH_SYN | TH_RST | TH_PUSH | TH_ACK | TH_URG
 # Emergency mode (Suricata's): once the memory cap is hit, idle timeouts are divided by this
 # until the accounted memory falls back under EMERGENCY_EXIT of the cap.
 EMERGENCY_DIVISOR = 10
@@ -352,7 +354,7 @@ class FlowTable:
                 self._hatch(e)
                 h = self.flows[(src, sport, dst, dport)]
             elif (
-                flags & 0x3F == TH_SYN and not payload and not missing and self.embryo_ok
+                flags & SYN_ONLY_MASK == TH_SYN and not payload and not missing and self.embryo_ok
                 and (src != dst or sport != dport)
             ):
                 self._new_embryo(ts, (src, sport, dst, dport), seq)
