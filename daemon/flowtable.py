@@ -151,7 +151,7 @@ def _ip(b: bytes) -> str:
 
 ALWAYS_REPORTED = ("flows", "empty_dropped", "gaps", "memory_limit_hits", "depth_dropped_bytes",
                    "ooo_limit_hits", "late_filled_segments", "late_filled_bytes",
-                   "late_dropped_bytes", "part_late_bytes", "parts",
+                   "late_dropped_bytes", "part_late_bytes",
                    "evicted_max_flows", "evicted_memory", "evicted_emergency",
                    "emergency_entered")
 

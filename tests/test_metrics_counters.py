@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamtap import config as cfgmod
 from streamtap import metrics
 from streamtap.api import Reassembler
+from streamtap.flowtable import FLOW_BYTES
 from streamtap.control import ControlServer
 from streamtap.ctl import UnixHTTPConnection
 from streamtap.notify import Notifier
@@ -216,7 +217,9 @@ def provoking_config() -> Any:
         "capture": {"interface": "eth9", "workers": 1},
         "reassembly": {
             "emit_empty": False,
-            "limits": {"max_flows": 4, "memory": 5000, "depth": 1500, "ooo_bytes": 1000},
+            # the cap counts each open flow at FLOW_BYTES besides the 5,000 bytes held
+            "limits": {"max_flows": 4, "memory": 5000 + 4 * FLOW_BYTES, "depth": 1500,
+                       "ooo_bytes": 1000},
             "fragments": {"max_pending": 2, "timeout": 1.0},
         },
     })
