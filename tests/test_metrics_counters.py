@@ -24,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamtap import config as cfgmod
 from streamtap import metrics
 from streamtap.api import Reassembler
-from streamtap.flowtable import FLOW_BYTES
 from streamtap.control import ControlServer
 from streamtap.ctl import UnixHTTPConnection
+from streamtap.flowtable import FLOW_BYTES
 from streamtap.notify import Notifier
 from streamtap.supervisor import GAUGES, META_KEYS, Supervisor
 from streamtap.worker import Worker
