@@ -13,7 +13,7 @@ import heapq
 import os
 import socket
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from streamtap.config import Config
@@ -172,6 +172,7 @@ class FlowTable:
         self.interface = interface
         self.flows: dict[tuple, Half | Embryo] = {}
         self.embryos: deque[Embryo] = deque()   # in creation order = handshake deadline order
+        self._servers: dict[tuple, tuple] = {}  # (addr, port) -> itself: shared by embryo keys
         self.nflows = 0
         # bytes accounted to this table: every buffer (Zeek's total_size) plus each open flow
         # at its measured size (EMBRYO_BYTES, FLOW_BYTES)
@@ -357,7 +358,13 @@ class FlowTable:
                 flags & SYN_ONLY_MASK == TH_SYN and not payload and not missing and self.embryo_ok
                 and (src != dst or sport != dport)
             ):
-                self._new_embryo(ts, (src, sport, dst, dport), seq)
+                # a flood's SYNs go to few servers: their end of the key is shared
+                srv = self._servers.get((dst, dport))
+                if srv is None:
+                    if len(self._servers) >= 4096:
+                        self._servers.clear()
+                    srv = self._servers[(dst, dport)] = (dst, dport)
+                self._new_embryo(ts, (src, sport, srv[0], srv[1]), seq)
                 return
         elif type(h) is Embryo:
             h = self._hatch(h)
@@ -674,14 +681,29 @@ class FlowTable:
     def flush(self, reason: str = "shutdown") -> None:
         """End of input or shutdown: every open flow is closed. Flows already closed by FIN or
         RST and only lingering keep their own reason."""
+        for _ in self.flush_iter(reason, 0):
+            pass
+
+    def flush_iter(self, reason: str = "shutdown", chunk: int = 10_000) -> Iterator[None]:
+        """`flush`, a step at a time: yields after every `chunk` flows closed (0 = only at the
+        end), so a caller can hand their streams over before the next ones are built (at the
+        end of a SYN flood, half a million streams at once would double the peak memory)."""
+        n = 0
         for h in list(self.flows.values()):
             if type(h) is Embryo:
-                if h.key is not None:
-                    self._close_embryo(h, reason)
+                if h.key is None:
+                    continue
+                self._close_embryo(h, reason)
             elif h.is_client and h.flow.c is h:
                 f = h.flow
                 self._close(f, f.reason if f.state == CLOSED else reason)
+            else:
+                continue
+            n += 1
+            if chunk and n % chunk == 0:
+                yield
         self.embryos.clear()
+        yield
 
     def _part(self, f: Flow, now: float) -> None:
         """Emit what the flow holds as a part (DESIGN "Parts") and go on with the same stream:

@@ -140,6 +140,12 @@ class Reassembler:
         self.table.flush("shutdown")
         return self.completed()
 
+    def flush_batches(self, chunk: int = 10_000) -> Iterator[list[Stream]]:
+        """`flush()` in batches of about `chunk` streams, each built only once the previous
+        one is handed over: memory stays that of the open flows, not twice it."""
+        for _ in self.table.flush_iter("shutdown", chunk):
+            yield self.completed()
+
     def summary(self) -> dict[str, dict[int, int]]:
         """Byte counts: {key: {client_port: client_bytes, server_port: server_bytes}} for every
         completed stream, key "client_ip:client_port-server_ip:server_port" (IPv6 addresses in
@@ -279,9 +285,9 @@ class Pipeline:
                 r.feed_batch(linktype, data, meta)
                 yield r.completed()
         except (CaptureError, UnsupportedLinkType):
-            yield r.flush()  # what was read before the damage is still the user's
+            yield from r.flush_batches()  # what was read before the damage is still the user's
             raise
-        yield r.flush()
+        yield from r.flush_batches()
 
     def flush(self) -> list[Stream]:
         """Every stream still open, closed now ("shutdown"), and any completed but not handed
