@@ -15,6 +15,7 @@ import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from streamtap.config import Config
 
@@ -110,7 +111,7 @@ class Embryo:
     timeout = float("-inf")
 
     def __init__(self, key: tuple, first: float, isn: int, linktype: int) -> None:
-        self.key = key
+        self.key: Any = key     # None once hatched or closed (its FIFO entry is then stale)
         self.first = first
         self.isn = isn
         self.linktype = linktype
@@ -170,7 +171,8 @@ class FlowTable:
         self.emit = emit or self._collect
         self.done: list[Stream] = []
         self.interface = interface
-        self.flows: dict[tuple, Half | Embryo] = {}
+        # key -> Half, or an Embryo (which the hot path can treat as a half: its idle test fails)
+        self.flows: dict[tuple, Any] = {}
         self.embryos: deque[Embryo] = deque()   # in creation order = handshake deadline order
         self._servers: dict[tuple, tuple] = {}  # (addr, port) -> itself: shared by embryo keys
         self.nflows = 0
@@ -575,8 +577,8 @@ class FlowTable:
         wheel = self.wheel
         if wheel is None:
             self.wheel = wheel = TimerWheel(tick=1.0, slots=64, start=now)
-            for f in self.open_flows():
-                wheel.schedule(f.entry, self._deadline(f))
+            for open_flow in self.open_flows():
+                wheel.schedule(open_flow.entry, self._deadline(open_flow))
         if now > self.now:
             self.now = now
         self._next_advance = now + 0.5
@@ -607,14 +609,14 @@ class FlowTable:
         embryos = self.embryos
         limit = now - self.timeouts[HANDSHAKE]
         while embryos:
-            e = embryos[0]
-            if e.key is None:       # hatched or closed already
+            em = embryos[0]
+            if em.key is None:       # hatched or closed already
                 embryos.popleft()
                 continue
-            if e.first > limit:
+            if em.first > limit:
                 break
             embryos.popleft()
-            self._close_embryo(e, self._timeout_reason(e, now - e.first))
+            self._close_embryo(em, self._timeout_reason(em, now - em.first))
         if self.emergency and self.mem <= self.mem_cap * EMERGENCY_EXIT:
             self._set_emergency(False)
 
