@@ -590,7 +590,8 @@ class FlowTable:
                 else:
                     self._close(f, self._timeout_reason(f, now - f.last))
                 continue
-            if self.part_interval and f.pstart + self.part_interval <= now:
+            if self.part_interval and f.pstart + self.part_interval <= now and (
+                    f.state != CLOSED):
                 self._part(f, now)
             wheel.schedule(e, self._deadline(f))
         # flows whose timeout was already due when set (see _set_state); a flow closed since,
@@ -602,7 +603,8 @@ class FlowTable:
             if f.last + f.timeout <= now:
                 self._close(f, f.reason if f.state == CLOSED else "timeout")
                 continue
-            if self.part_interval and f.pstart + self.part_interval <= now:
+            if self.part_interval and f.pstart + self.part_interval <= now and (
+                    f.state != CLOSED):
                 self._part(f, now)
             wheel.schedule(f.entry, self._deadline(f))
         # embryos expire in creation order: they share the handshake timeout

@@ -40,7 +40,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 StateFn = Callable[[], Mapping[str, Any]]
 
-STREAM_REASONS = ("fin", "rst", "timeout", "evicted", "shutdown", "part")
+STREAM_REASONS = ("fin", "rst", "timeout", "evicted", "shutdown")
 EVICT_REASONS = ("max_flows", "memory", "emergency")
 SINK_RESULTS = ("ok", "retried", "failed", "spooled", "dropped")
 
