@@ -273,7 +273,7 @@ class LimitsConfig:
         unit="size",
         help="Memory cap of reassembly, all workers together (each of N workers enforces "
         "1/N of it): stream buffers plus every open flow at its measured size (about 400 B "
-        "for a flow seen as one SYN, 2 KiB for any other). Checked before memory is taken; "
+        "for a flow seen as one SYN, 1.5 KiB for any other). Checked before memory is taken; "
         "over it, half-open flows are evicted first, then the longest idle, and idle "
         "timeouts are 10 times shorter until usage falls under 70 % (emergency mode). Each "
         "eviction is counted by reason. 0 = unlimited.",

@@ -43,7 +43,7 @@ BIT_D = BIT["D"]
 # table's dict entry and key included: tests/test_memory.py keeps these honest). A flow seen as
 # one pure SYN is an `Embryo`; anything more makes it a full `Flow` with its two `Half`s.
 EMBRYO_BYTES = 400
-FLOW_BYTES = 2048
+FLOW_BYTES = 1536
 # A pure SYN: none of the other flags that change a flow (ECE/CWR, ECN negotiation, may be set)
 SYN_ONLY_MASK = TH_FIN | TH_SYN | TH_RST | TH_PUSH | TH_ACK | TH_URG
 # Emergency mode (Suricata's): once the memory cap is hit, idle timeouts are divided by this
@@ -137,7 +137,7 @@ class Flow:
         self.timeout = 0.0
         self.entry = TimerEntry(self)
         self.reason = ""
-        self.hist: list[str] = []
+        self.hist = ""         # history letters (a str: most flows have two or three)
         self.rule = rule
         self.pkts: list | None = None
         self.linktype = 1
@@ -314,7 +314,7 @@ class FlowTable:
         bit = BIT[ch]
         if not h.seen & bit:
             h.seen |= bit
-            h.flow.hist.append(ch if h.is_client else ch.lower())
+            h.flow.hist += ch if h.is_client else ch.lower()
 
     def unletter(self, h: Half, ch: str) -> None:
         """Take back a letter that no longer holds (a `G` whose gaps were all filled late); it
@@ -322,7 +322,7 @@ class FlowTable:
         bit = BIT[ch]
         if h.seen & bit:
             h.seen &= ~bit
-            h.flow.hist.remove(ch if h.is_client else ch.lower())
+            h.flow.hist = h.flow.hist.replace(ch if h.is_client else ch.lower(), "", 1)
 
     def _data(self, h: Half, seq: int, payload: bytes, missing: int) -> None:
         if h.next < 0:
@@ -725,7 +725,7 @@ class FlowTable:
             h.pbase = h.off
             h.pkt0 = h.packets
             h.buf = bytearray()
-            h.gaps = []
+            h.gaps = ()
         f.part += 1
         if f.pkts is not None:
             f.pkts = []
@@ -780,7 +780,7 @@ class FlowTable:
             client_packets=c.packets - c.pkt0,
             server_packets=s.packets - s.pkt0,
             client_rule=f.rule,
-            history="".join(f.hist),
+            history=f.hist,
             state=conn_state(f),
             retransmitted_bytes=c.retrans + s.retrans,
             overlaps=c.overlaps + s.overlaps,
@@ -821,7 +821,7 @@ def _release(f: Flow) -> None:
     capture size, not with the open connections)."""
     for h in (f.c, f.s):
         h.buf = bytearray()
-        h.ooo = []
+        h.ooo = ()
         h.peer = None
         h.flow = None
     f.entry.payload = None

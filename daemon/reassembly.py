@@ -44,9 +44,12 @@ class Half:
         self.off = 0            # 64-bit offset of `next`
         self.buf = bytearray()
         self.room = room        # bytes left before the depth limit
-        self.ooo: list[list] = []   # sorted [offset, bytes, missing_tail] blocks, non-overlapping
+        # sorted [offset, bytes, missing_tail] blocks, non-overlapping; and the skipped holes,
+        # (offset, length, buf position). Both start as the shared empty tuple and become lists
+        # when first needed: most directions never hold either (a flow costs less)
+        self.ooo: Any = ()
         self.ooo_bytes = 0
-        self.gaps: list[tuple[int, int, int]] = []   # (offset, length, buf position)
+        self.gaps: Any = ()
         self.isn = -1
         self.syn = False
         self.fin = False
@@ -97,8 +100,10 @@ def skip_gap(h: Half, length: int, table) -> None:
     if h.gaps and h.gaps[-1][0] + h.gaps[-1][1] == h.off:
         g_off, g_len, g_pos = h.gaps[-1]
         h.gaps[-1] = (g_off, g_len + length, g_pos)   # adjacent gaps merge
-    else:
+    elif h.gaps:
         h.gaps.append((h.off, length, pos))
+    else:
+        h.gaps = [(h.off, length, pos)]
     h.off += length
     h.next = (h.next + length) & MASK32
     table.letter(h, "G")
@@ -206,6 +211,8 @@ def store_ooo(h: Half, off: int, data: bytes, tail: int, policy_last: bool, tabl
     """Hold a segment that starts past h.off. Storage never knows the policy (Suricata's S2):
     the policy decides which bytes to insert, then plain non-overlapping blocks are stored."""
     ooo = h.ooo
+    if not ooo:
+        ooo = h.ooo = []
     end = off + len(data)
     if not ooo or ooo[-1][0] + len(ooo[-1][1]) <= off:
         # the common case: beyond everything held (Zeek tests append-at-tail first)
