@@ -297,23 +297,35 @@ def verify(pcap: str, truth_path: str) -> dict:
             truth[(tuple(rec["client"]), tuple(rec["server"]))] = rec
     seen: dict[tuple, int] = {}
     exact, empty, wrong = 0, 0, []
+    # a connection longer than reassembly.part_bytes comes in parts: hashed part by part, it
+    # is checked once its last part is out
+    parts: dict[str, list] = {}
     for st in streamtap.reassemble(pcap):
+        acc = parts.pop(st.id, None) or [hashlib.sha256(), hashlib.sha256(), 0, 0, []]
+        acc[0].update(st.client_data)
+        acc[1].update(st.server_data)
+        acc[2] += len(st.client_data)
+        acc[3] += len(st.server_data)
+        acc[4] += st.gaps
+        if st.close_reason == "part":
+            parts[st.id] = acc
+            continue
         key = (st.client, st.server)
         rec = truth.get(key)
         if rec is None:
-            if not st.client_data and not st.server_data:
+            if not acc[2] and not acc[3]:
                 empty += 1
             else:
                 wrong.append(f"{key}: not in the truth")
             continue
         seen[key] = seen.get(key, 0) + 1
-        bad = [side for side, data in (("client", st.client_data), ("server", st.server_data))
-               if len(data) != rec[f"{side}_len"]
-               or hashlib.sha256(data).hexdigest() != rec[f"{side}_sha256"]]
+        got = {"client": (acc[2], acc[0].hexdigest()), "server": (acc[3], acc[1].hexdigest())}
+        bad = [side for side in ("client", "server")
+               if got[side] != (rec[f"{side}_len"], rec[f"{side}_sha256"])]
         if bad:
             wrong.append(f"{key}: {'/'.join(bad)} bytes differ "
-                         f"({len(st.client_data)}/{len(st.server_data)} vs "
-                         f"{rec['client_len']}/{rec['server_len']}, gaps {st.gaps[:3]})")
+                         f"({acc[2]}/{acc[3]} vs "
+                         f"{rec['client_len']}/{rec['server_len']}, gaps {acc[4][:3]})")
         elif seen[key] == 1:
             exact += 1
     for key in truth:

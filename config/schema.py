@@ -282,8 +282,12 @@ class LimitsConfig:
     memory: int = setting(
         1 * GIB,
         unit="size",
-        help="Global cap on reassembly buffers (held and kept stream bytes), all workers "
-        "together; memory is checked before buffering and every hit is counted. 0 = unlimited.",
+        help="Memory cap of reassembly, all workers together (each of N workers enforces "
+        "1/N of it): stream buffers plus every open flow at its measured size (about 400 B "
+        "for a flow seen as one SYN, 1.5 KiB for any other). Checked before memory is taken; "
+        "over it, half-open flows are evicted first, then the longest idle, and idle "
+        "timeouts are 10 times shorter until usage falls under 70 % (emergency mode). Each "
+        "eviction is counted by reason. 0 = unlimited.",
     )
 
 
@@ -321,6 +325,19 @@ class ReassemblyConfig:
     keep_packets: bool = setting(
         False,
         help="Keep each stream's raw packets for the pcap sink (costs memory).",
+    )
+    part_bytes: int = setting(
+        64 * MIB,
+        unit="size",
+        help="A connection is emitted in parts: once one direction holds this many bytes, "
+        "what both hold is emitted as a part (same stream.id, next stream.part, close_reason "
+        "part) and reassembly goes on. 0 = never by size.",
+    )
+    part_interval: float = setting(
+        600.0,
+        unit="duration",
+        help="Also emit a part when this long has passed since the connection started or "
+        "its last part, if it holds any bytes. 0 = never by time.",
     )
     timeouts: TimeoutsConfig = setting(factory=TimeoutsConfig, help=TimeoutsConfig.__doc__ or "")
     limits: LimitsConfig = setting(factory=LimitsConfig, help=LimitsConfig.__doc__ or "")

@@ -10,15 +10,17 @@ one dict lookup on the directional 4-tuple, a handful of compares, an append. Ev
 from __future__ import annotations
 
 import heapq
+import os
 import socket
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from streamtap.config import Config
 
 from . import reassembly as ra
-from .decode import TH_ACK, TH_FIN, TH_RST, TH_SYN
+from .decode import TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG
 from .pcapfmt import META
 from .reassembly import MASK32, UNLIMITED, Half
 from .stream import Stream
@@ -36,6 +38,21 @@ LETTERS = "SHADFRTGWQ"
 BIT = {ch: 1 << i for i, ch in enumerate(LETTERS)}
 BIT_A = BIT["A"]
 BIT_D = BIT["D"]
+
+# Per-flow state as the memory cap counts it (measured with tracemalloc on 10,000 flows, the
+# table's dict entry and key included: tests/test_memory.py keeps these honest). A flow seen as
+# one pure SYN is an `Embryo`; anything more makes it a full `Flow` with its two `Half`s.
+EMBRYO_BYTES = 400
+FLOW_BYTES = 1536
+# A pure SYN: none of the other flags that change a flow (ECE/CWR, ECN negotiation, may be set)
+SYN_ONLY_MASK = TH_FIN | TH_SYN | TH_RST | TH_PUSH | TH_ACK | TH_URG
+# Emergency mode (Suricata's): once the memory cap is hit, idle timeouts are divided by this
+# until the accounted memory falls back under EMERGENCY_EXIT of the cap.
+EMERGENCY_DIVISOR = 10
+EMERGENCY_EXIT = 0.7
+# Past the cap, evictions free memory down to this fraction of it, so that a table at its cap
+# does not evict on every packet.
+EVICT_TARGET = 0.9
 
 
 @dataclass(frozen=True)
@@ -55,24 +72,59 @@ class Limits:
     depth: int = 0
     ooo_bytes: int = 1 << 20
     memory: int = 1 << 30
+    # `memory` is the cap of all workers together: each of `workers` tables enforces
+    # memory // workers (no shared counter: nothing to lock, and fanout spreads flows evenly)
+    workers: int = 1
+    part_bytes: int = 64 << 20
+    part_interval: float = 600.0
 
     @classmethod
-    def from_config(cls, cfg: Config) -> Limits:
+    def from_config(cls, cfg: Config, workers: int | None = None) -> Limits:
+        """`workers`: how many tables share the memory cap; None = `capture.workers` as the
+        supervisor reads it (0 = one per CPU core)."""
         r = cfg.reassembly
         t, lim = r.timeouts, r.limits
+        if workers is None:
+            workers = cfg.capture.workers or os.cpu_count() or 1
         return cls(
             overlap=r.overlap, emit_empty=r.emit_empty, keep_packets=r.keep_packets,
             handshake=t.handshake, established=t.established, closing=t.closing,
             rst_linger=t.rst_linger, fin_linger=t.fin_linger,
             max_flows=lim.max_flows, depth=lim.depth, ooo_bytes=lim.ooo_bytes,
-            memory=lim.memory,
+            memory=lim.memory, workers=max(1, workers),
+            part_bytes=r.part_bytes, part_interval=r.part_interval,
         )
+
+
+class Embryo:
+    """A flow seen as one pure SYN, nothing else: the compact form a SYN flood's flows stay in.
+
+    The table maps the SYN's key to it; every field of the full flow it would be is implied
+    (client = the SYN's sender, history "S", one packet). Its idle test in the hot path always
+    fails (`timeout` is -inf), so the next packet of the flow reaches `FlowTable._slow`, which
+    turns it into a full `Flow` (`_hatch`) before handling the packet as usual. Its timer is
+    the table's FIFO of embryos (they all share the handshake timeout), not a wheel entry.
+    """
+
+    __slots__ = ("key", "first", "isn", "linktype")
+    last = 0.0
+    timeout = float("-inf")
+
+    def __init__(self, key: tuple, first: float, isn: int, linktype: int) -> None:
+        self.key: Any = key     # None once hatched or closed (its FIFO entry is then stale)
+        self.first = first
+        self.isn = isn
+        self.linktype = linktype
+
+    @property
+    def flow(self) -> Embryo:
+        return self
 
 
 class Flow:
     __slots__ = (
         "c", "s", "version", "first", "last", "state", "timeout", "entry", "reason",
-        "hist", "rule", "pkts", "linktype", "trunc",
+        "hist", "rule", "pkts", "linktype", "trunc", "part", "pstart",
     )
 
     def __init__(self, c: Half, s: Half, version: int, ts: float, rule: str) -> None:
@@ -85,11 +137,13 @@ class Flow:
         self.timeout = 0.0
         self.entry = TimerEntry(self)
         self.reason = ""
-        self.hist: list[str] = []
+        self.hist = ""         # history letters (a str: most flows have two or three)
         self.rule = rule
         self.pkts: list | None = None
         self.linktype = 1
         self.trunc = False     # snaplen cut some payload (recorded as a gap too)
+        self.part = 0          # number of the part being filled (DESIGN "Parts")
+        self.pstart = ts       # when it started: the flow's first packet, then each part's emit
 
 
 def _ip(b: bytes) -> str:
@@ -98,7 +152,9 @@ def _ip(b: bytes) -> str:
 
 ALWAYS_REPORTED = ("flows", "empty_dropped", "gaps", "memory_limit_hits", "depth_dropped_bytes",
                    "ooo_limit_hits", "late_filled_segments", "late_filled_bytes",
-                   "late_dropped_bytes")
+                   "late_dropped_bytes", "part_late_bytes",
+                   "evicted_max_flows", "evicted_memory", "evicted_emergency",
+                   "emergency_entered")
 
 
 class FlowTable:
@@ -115,9 +171,15 @@ class FlowTable:
         self.emit = emit or self._collect
         self.done: list[Stream] = []
         self.interface = interface
-        self.flows: dict[tuple, Half] = {}
+        # key -> Half, or an Embryo (which the hot path can treat as a half: its idle test fails)
+        self.flows: dict[tuple, Any] = {}
+        self.embryos: deque[Embryo] = deque()   # in creation order = handshake deadline order
+        self._servers: dict[tuple, tuple] = {}  # (addr, port) -> itself: shared by embryo keys
         self.nflows = 0
-        self.mem = 0                 # bytes held in every buffer of this table (Zeek's total_size)
+        # bytes accounted to this table: every buffer (Zeek's total_size) plus each open flow
+        # at its measured size (EMBRYO_BYTES, FLOW_BYTES)
+        self.mem = 0
+        self.emergency = False
         self.gap_bytes = 0           # missed bytes of emitted streams
         self.set_limits(lim)
         self.wheel: TimerWheel | None = None
@@ -138,13 +200,23 @@ class FlowTable:
         `Reassembler.reconfigure`); new flows get the new depth."""
         self.limits = lim
         self.ooo_limit = lim.ooo_bytes or UNLIMITED
-        self.mem_cap = lim.memory or UNLIMITED
+        self.mem_cap = lim.memory // max(1, lim.workers) if lim.memory else UNLIMITED
         self.max_flows = lim.max_flows or UNLIMITED
         self.depth = lim.depth or UNLIMITED
+        self.part_max = lim.part_bytes or UNLIMITED
+        self.part_interval = lim.part_interval or 0.0
         self.last = lim.overlap == "last"
-        self.timeouts = {
+        self.normal_timeouts = {
             HANDSHAKE: lim.handshake, ESTABLISHED: lim.established, CLOSING: lim.closing,
         }
+        self.timeouts = self._scaled_timeouts()
+        # a pure SYN may stay an Embryo only if nothing needs its frame
+        self.embryo_ok = not lim.keep_packets
+
+    def _scaled_timeouts(self) -> dict[int, float]:
+        if not getattr(self, "emergency", False):
+            return dict(self.normal_timeouts)
+        return {k: v / EMERGENCY_DIVISOR for k, v in self.normal_timeouts.items()}
 
     def _collect(self, s: Stream) -> None:
         self.done.append(s)
@@ -165,6 +237,7 @@ class FlowTable:
         keep = self.limits.keep_packets
         held = self.frag_frames
         mem_cap = self.mem_cap
+        part_max = self.part_max
         next_adv = self._next_advance
         bit_a, bit_d, mask = BIT_A, BIT_D, MASK32
         for sec, usec, off, caplen in META.iter_unpack(meta):
@@ -201,14 +274,17 @@ class FlowTable:
                     next_adv = self._next_advance
             if payload:
                 n = len(payload)
-                if seq == h.next and n <= h.room and not h.ooo:
+                mem = self.mem + n
+                # the memory cap is checked before the bytes are taken; over it, `_data` evicts
+                if seq == h.next and n <= h.room and not h.ooo and mem <= mem_cap:
                     h.buf += payload
                     h.room -= n
                     h.off += n
                     h.next = (seq + n) & mask
-                    self.mem += n
-                    if self.mem > mem_cap:
-                        self._over_memory()
+                    self.mem = mem
+                    if len(h.buf) >= part_max:
+                        self._part(f, ts)
+                        next_adv = self._next_advance
                 else:
                     self._data(h, seq, payload, 0)
                     next_adv = self._next_advance
@@ -238,7 +314,7 @@ class FlowTable:
         bit = BIT[ch]
         if not h.seen & bit:
             h.seen |= bit
-            h.flow.hist.append(ch if h.is_client else ch.lower())
+            h.flow.hist += ch if h.is_client else ch.lower()
 
     def unletter(self, h: Half, ch: str) -> None:
         """Take back a letter that no longer holds (a `G` whose gaps were all filled late); it
@@ -246,15 +322,18 @@ class FlowTable:
         bit = BIT[ch]
         if h.seen & bit:
             h.seen &= ~bit
-            h.flow.hist.remove(ch if h.is_client else ch.lower())
+            h.flow.hist = h.flow.hist.replace(ch if h.is_client else ch.lower(), "", 1)
 
     def _data(self, h: Half, seq: int, payload: bytes, missing: int) -> None:
         if h.next < 0:
             # first bytes of a direction picked up mid-stream: they define its start
             h.next = seq
             h.off = 0
+        f = h.flow
         if missing:
-            h.flow.trunc = True
+            f.trunc = True
+        if self.mem + len(payload) > self.mem_cap:
+            self._over_memory(len(payload), f)
         before = h.retrans
         if (
             len(payload) <= 1 and not missing and h.off > 0
@@ -266,11 +345,31 @@ class FlowTable:
             ra.segment(h, seq, payload, missing, self.last, self)
         if h.retrans > before:
             self.letter(h, "T")
-        if self.mem > self.mem_cap:
-            self._over_memory()
+        if len(h.buf) >= self.part_max:
+            self._part(f, f.last)
 
     def _slow(self, ts: float, dec: tuple, h: Half | None, frame: bytes | None) -> None:
         version, src, dst, sport, dport, seq, ack, flags, win, payload, missing, _o = dec
+        if h is None:
+            # the answer to a flow seen as one SYN: its key is the other direction's
+            e = self.flows.get((dst, dport, src, sport))
+            if type(e) is Embryo:
+                self._hatch(e)
+                h = self.flows[(src, sport, dst, dport)]
+            elif (
+                flags & SYN_ONLY_MASK == TH_SYN and not payload and not missing and self.embryo_ok
+                and (src != dst or sport != dport)
+            ):
+                # a flood's SYNs go to few servers: their end of the key is shared
+                srv = self._servers.get((dst, dport))
+                if srv is None:
+                    if len(self._servers) >= 4096:
+                        self._servers.clear()
+                    srv = self._servers[(dst, dport)] = (dst, dport)
+                self._new_embryo(ts, (src, sport, srv[0], srv[1]), seq)
+                return
+        elif type(h) is Embryo:
+            h = self._hatch(h)
         syn = flags & TH_SYN
         pure_syn = syn and not flags & TH_ACK
         if h is not None:
@@ -350,11 +449,69 @@ class FlowTable:
             return "fin"
         return "timeout"
 
-    def _new_flow(
-        self, ts: float, version: int, src: bytes, sport: int, dst: bytes, dport: int, flags: int
-    ) -> Half:
+    def _new_embryo(self, ts: float, key: tuple, isn: int) -> None:
         if self.nflows >= self.max_flows:
             self._evict(max(1, self.max_flows // 100), "max_flows")
+        if self.mem + EMBRYO_BYTES > self.mem_cap:
+            self._over_memory(EMBRYO_BYTES, None)
+        e = Embryo(key, ts, isn, self.linktype)
+        self.flows[key] = e
+        self.embryos.append(e)
+        self.nflows += 1
+        self.mem += EMBRYO_BYTES
+        self.stats["flows"] += 1
+
+    def _hatch(self, e: Embryo) -> Half:
+        """Turn an embryo into the full flow its SYN would have made (the SYN's effects,
+        replayed); returns the client half."""
+        key = e.key
+        del self.flows[key]
+        e.key = None   # its FIFO entry is now stale (skipped when reached); free the key
+        self.nflows -= 1
+        self.mem -= EMBRYO_BYTES
+        src, sport, dst, dport = key
+        linktype, self.linktype = self.linktype, e.linktype
+        try:
+            h = self._new_flow(e.first, 4 if len(src) == 4 else 6, src, sport, dst, dport,
+                               TH_SYN, hatch=True)
+        finally:
+            self.linktype = linktype
+        h.packets = 1
+        self.letter(h, "S")
+        h.isn = e.isn
+        h.syn = True
+        h.next = (e.isn + 1) & MASK32
+        h.off = 0
+        return h
+
+    def _close_embryo(self, e: Embryo, reason: str) -> None:
+        key = e.key
+        del self.flows[key]
+        e.key = None
+        self.nflows -= 1
+        self.mem -= EMBRYO_BYTES
+        self.stats["streams_" + reason] += 1
+        if not self.limits.emit_empty:
+            self.stats["empty_dropped"] += 1
+            return
+        src, sport, dst, dport = key
+        # what `_close` makes of the full flow (tests/test_memory.py compares the two)
+        self.emit(Stream(
+            client=(_ip(src), sport), server=(_ip(dst), dport),
+            client_data=b"", server_data=b"", close_reason=reason, gaps=[],
+            start=e.first, end=e.first, ip_version=4 if len(src) == 4 else 6,
+            client_packets=1, server_packets=0, client_rule="syn", history="S", state="S0",
+            interface=self.interface, linktype=e.linktype,
+        ))
+
+    def _new_flow(
+        self, ts: float, version: int, src: bytes, sport: int, dst: bytes, dport: int, flags: int,
+        hatch: bool = False,
+    ) -> Half:
+        if self.nflows >= self.max_flows and not hatch:
+            self._evict(max(1, self.max_flows // 100), "max_flows")
+        if self.mem + FLOW_BYTES > self.mem_cap:
+            self._over_memory(FLOW_BYTES, None)
         room = self.depth
         a = Half(src, sport, room)
         b = Half(dst, dport, room)
@@ -381,14 +538,16 @@ class FlowTable:
         self.flows[(server.ip, server.port, client.ip, client.port)] = server
         self.flows[(client.ip, client.port, server.ip, server.port)] = client
         self.nflows += 1
-        self.stats["flows"] += 1
+        self.mem += FLOW_BYTES
+        if not hatch:
+            self.stats["flows"] += 1
         self._set_state(f, HANDSHAKE if flags & TH_SYN else ESTABLISHED)
         return self.flows[(src, sport, dst, dport)]
 
     def _set_state(self, f: Flow, state: int, timeout: float | None = None) -> None:
         f.state = state
         f.timeout = self.timeouts[state] if timeout is None else timeout
-        deadline = f.last + f.timeout
+        deadline = self._deadline(f)
         if self.wheel is not None and (
             not f.entry.scheduled or deadline < f.entry.deadline
         ) and not self.wheel.schedule(f.entry, deadline):
@@ -396,25 +555,45 @@ class FlowTable:
             self._due.append(f)
             self._next_advance = float("-inf")
 
+    def _deadline(self, f: Flow) -> float:
+        """When the flow's timer must next fire: its idle timeout, or its part interval."""
+        deadline = f.last + f.timeout
+        if self.part_interval and f.state != CLOSED:
+            deadline = min(deadline, f.pstart + self.part_interval)
+        return deadline
+
+    def _timeout_reason(self, f: Flow | Embryo, idle: float) -> str:
+        """"timeout", or "evicted" for a flow that expired only because emergency mode
+        shortened its timeout (counted as an eviction for the memory cap)."""
+        state = f.state if type(f) is Flow else HANDSHAKE  # type: ignore[union-attr]
+        if self.emergency and idle < self.normal_timeouts[state]:
+            self.stats["evicted_emergency"] += 1
+            return "evicted"
+        return "timeout"
+
     def advance(self, now: float) -> None:
         """Move time forward (packet time offline, wall clock live) and close what expired.
         Expiry is lazy: an entry that fires before its flow's real deadline is re-armed."""
         wheel = self.wheel
         if wheel is None:
             self.wheel = wheel = TimerWheel(tick=1.0, slots=64, start=now)
-            for h in self.flows.values():
-                if h.is_client:
-                    wheel.schedule(h.flow.entry, h.flow.last + h.flow.timeout)
+            for open_flow in self.open_flows():
+                wheel.schedule(open_flow.entry, self._deadline(open_flow))
         if now > self.now:
             self.now = now
         self._next_advance = now + 0.5
         for e in wheel.advance(now):
             f: Flow = e.payload  # type: ignore[assignment]
-            deadline = f.last + f.timeout
-            if deadline <= now:
-                self._close(f, f.reason if f.state == CLOSED else "timeout")
-            else:
-                wheel.schedule(e, deadline)
+            if f.last + f.timeout <= now:
+                if f.state == CLOSED:
+                    self._close(f, f.reason)
+                else:
+                    self._close(f, self._timeout_reason(f, now - f.last))
+                continue
+            if self.part_interval and f.pstart + self.part_interval <= now and (
+                    f.state != CLOSED):
+                self._part(f, now)
+            wheel.schedule(e, self._deadline(f))
         # flows whose timeout was already due when set (see _set_state); a flow closed since,
         # or scheduled again by a later state change, needs nothing more
         due, self._due = self._due, []
@@ -423,33 +602,135 @@ class FlowTable:
                 continue
             if f.last + f.timeout <= now:
                 self._close(f, f.reason if f.state == CLOSED else "timeout")
-            else:
-                wheel.schedule(f.entry, f.last + f.timeout)
-
-    def _evict(self, count: int, why: str) -> None:
-        """Close the `count` flows idle the longest (counted by why: Suricata's memcap habit)."""
-        flows = [h.flow for h in self.flows.values() if h.is_client]
-        for f in heapq.nsmallest(count, flows, key=lambda f: f.last):
-            self.stats["evicted_" + why] += 1
-            self._close(f, "evicted")
-
-    def _over_memory(self) -> None:
-        self.stats["memory_limit_hits"] += 1
-        target = self.mem_cap * 9 // 10
-        flows = sorted((h.flow for h in self.flows.values() if h.is_client), key=lambda f: f.last)
-        for f in flows:
-            if self.mem <= target:
+                continue
+            if self.part_interval and f.pstart + self.part_interval <= now and (
+                    f.state != CLOSED):
+                self._part(f, now)
+            wheel.schedule(f.entry, self._deadline(f))
+        # embryos expire in creation order: they share the handshake timeout
+        embryos = self.embryos
+        limit = now - self.timeouts[HANDSHAKE]
+        while embryos:
+            em = embryos[0]
+            if em.key is None:       # hatched or closed already
+                embryos.popleft()
+                continue
+            if em.first > limit:
                 break
-            self.stats["evicted_memory"] += 1
-            self._close(f, "evicted")
+            embryos.popleft()
+            self._close_embryo(em, self._timeout_reason(em, now - em.first))
+        if self.emergency and self.mem <= self.mem_cap * EMERGENCY_EXIT:
+            self._set_emergency(False)
+
+    def open_flows(self) -> list[Flow]:
+        """The full flows open in this table (embryos aside), in the table's order."""
+        return [h.flow for h in self.flows.values()
+                if type(h) is not Embryo and h.is_client and h.flow.c is h]
+
+    def _evict(self, count: int, why: str, keep: Flow | None = None) -> int:
+        """Close up to `count` flows, counted by why (Suricata's memcap habit): half-open
+        flows first (embryos oldest first, then flows still in their handshake), then those
+        idle the longest. `keep` (the flow being fed) is spared. Returns how many went."""
+        n = 0
+        embryos = self.embryos
+        while n < count and embryos:
+            e = embryos.popleft()
+            if e.key is None:
+                continue
+            self.stats["evicted_" + why] += 1
+            self._close_embryo(e, "evicted")
+            n += 1
+        if n < count:
+            flows = [f for f in self.open_flows() if f is not keep]
+            for f in heapq.nsmallest(count - n, flows, key=_eviction_order):
+                self.stats["evicted_" + why] += 1
+                self._close(f, "evicted")
+                n += 1
+        return n
+
+    def _over_memory(self, need: int, keep: Flow | None) -> None:
+        """`need` more bytes would pass the cap: enter emergency mode and evict (half-open
+        first, then longest idle) down to EVICT_TARGET of the cap, so they fit. If nothing is
+        left to evict but `keep`, it goes over: one flow's part is the slack of the cap."""
+        self.stats["memory_limit_hits"] += 1
+        if not self.emergency:
+            self._set_emergency(True)
+        target = int(self.mem_cap * EVICT_TARGET) - need
+        embryos = self.embryos
+        while self.mem > target and embryos:
+            e = embryos.popleft()
+            if e.key is not None:
+                self.stats["evicted_memory"] += 1
+                self._close_embryo(e, "evicted")
+        if self.mem > target:
+            flows = sorted((f for f in self.open_flows() if f is not keep), key=_eviction_order)
+            for f in flows:
+                if self.mem <= target:
+                    break
+                self.stats["evicted_memory"] += 1
+                self._close(f, "evicted")
+
+    def _set_emergency(self, on: bool) -> None:
+        """Emergency mode (Suricata's): while the table is at its memory cap, idle timeouts
+        are EMERGENCY_DIVISOR times shorter, so idle and half-open flows go sooner. Open flows
+        get the new timeouts at once (lengthened ones are re-armed lazily by the wheel)."""
+        self.emergency = on
+        if on:
+            self.stats["emergency_entered"] += 1
+        self.timeouts = self._scaled_timeouts()
+        for f in self.open_flows():
+            if f.state != CLOSED:
+                self._set_state(f, f.state)
 
     def flush(self, reason: str = "shutdown") -> None:
         """End of input or shutdown: every open flow is closed. Flows already closed by FIN or
         RST and only lingering keep their own reason."""
+        for _ in self.flush_iter(reason, 0):
+            pass
+
+    def flush_iter(self, reason: str = "shutdown", chunk: int = 10_000) -> Iterator[None]:
+        """`flush`, a step at a time: yields after every `chunk` flows closed (0 = only at the
+        end), so a caller can hand their streams over before the next ones are built (at the
+        end of a SYN flood, half a million streams at once would double the peak memory)."""
+        n = 0
         for h in list(self.flows.values()):
-            if h.is_client and h.flow.c is h:
+            if type(h) is Embryo:
+                if h.key is None:
+                    continue
+                self._close_embryo(h, reason)
+            elif h.is_client and h.flow.c is h:
                 f = h.flow
                 self._close(f, f.reason if f.state == CLOSED else reason)
+            else:
+                continue
+            n += 1
+            if chunk and n % chunk == 0:
+                yield
+        self.embryos.clear()
+        yield
+
+    def _part(self, f: Flow, now: float) -> None:
+        """Emit what the flow holds as a part (DESIGN "Parts") and go on with the same stream:
+        holes already skipped become the part's gaps; held out-of-order blocks and the holes
+        before them stay for the next part."""
+        c, s = f.c, f.s
+        f.pstart = now
+        if not (c.buf or s.buf or c.gaps or s.gaps):
+            return   # the interval passed with nothing held: no empty part
+        stream = self._stream(f, "part")
+        for h in (c, s):
+            n = len(h.buf)
+            self.mem -= n
+            h.base += n
+            h.pbase = h.off
+            h.pkt0 = h.packets
+            h.buf = bytearray()
+            h.gaps = ()
+        f.part += 1
+        if f.pkts is not None:
+            f.pkts = []
+        self.stats["streams_part"] += 1
+        self.emit(stream)
 
     def _close(self, f: Flow, reason: str) -> None:
         c, s = f.c, f.s
@@ -459,6 +740,7 @@ class FlowTable:
         if flows.get((s.ip, s.port, c.ip, c.port)) is s:
             del flows[(s.ip, s.port, c.ip, c.port)]
         self.nflows -= 1
+        self.mem -= FLOW_BYTES
         if self.wheel is not None:
             self.wheel.cancel(f.entry)
         for h in (c, s):
@@ -468,10 +750,17 @@ class FlowTable:
                 ra.skip_gap(h, h.fin_off - h.off, self)
             self.mem -= len(h.buf)
         self.stats["streams_" + reason] += 1
-        if not self.limits.emit_empty and not c.buf and not s.buf:
+        if not self.limits.emit_empty and not c.buf and not s.buf and not f.part:
             self.stats["empty_dropped"] += 1
             _release(f)
             return
+        stream = self._stream(f, reason)
+        _release(f)
+        self.emit(stream)
+
+    def _stream(self, f: Flow, reason: str) -> Stream:
+        """The record of what the flow holds now: the whole stream, or its current part."""
+        c, s = f.c, f.s
         gaps = [(pos, n, "client") for pos, n in ra.delivered_gaps(c)]
         gaps += [(pos, n, "server") for pos, n in ra.delivered_gaps(s)]
         self.stats["gaps"] += len(gaps)
@@ -488,10 +777,10 @@ class FlowTable:
             start=f.first,
             end=f.last,
             ip_version=f.version,
-            client_packets=c.packets,
-            server_packets=s.packets,
+            client_packets=c.packets - c.pkt0,
+            server_packets=s.packets - s.pkt0,
             client_rule=f.rule,
-            history="".join(f.hist),
+            history=f.hist,
             state=conn_state(f),
             retransmitted_bytes=c.retrans + s.retrans,
             overlaps=c.overlaps + s.overlaps,
@@ -500,8 +789,17 @@ class FlowTable:
             packets=f.pkts,
             linktype=f.linktype,
         )
-        _release(f)
-        self.emit(stream)
+        # parts (DESIGN "Parts"): every part keeps the stream's id (its start is the flow's
+        # first packet); part 0 with offsets 0 is a stream emitted whole
+        stream.part = f.part
+        stream.client_offset = c.base
+        stream.server_offset = s.base
+        return stream
+
+
+def _eviction_order(f: Flow) -> tuple[bool, float]:
+    """Half-open flows (still in their handshake) before the others, then longest idle."""
+    return (f.state != HANDSHAKE, f.last)
 
 
 def _insert_frames(pkts: list, frames: list[tuple[float, int, bytes]]) -> None:
@@ -523,7 +821,7 @@ def _release(f: Flow) -> None:
     capture size, not with the open connections)."""
     for h in (f.c, f.s):
         h.buf = bytearray()
-        h.ooo = []
+        h.ooo = ()
         h.peer = None
         h.flow = None
     f.entry.payload = None

@@ -41,7 +41,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 StateFn = Callable[[], Mapping[str, Any]]
 
 STREAM_REASONS = ("fin", "rst", "timeout", "evicted", "shutdown")
-EVICT_REASONS = ("max_flows", "memory")
+EVICT_REASONS = ("max_flows", "memory", "emergency")
 SINK_RESULTS = ("ok", "retried", "failed", "spooled", "dropped")
 
 
@@ -91,7 +91,8 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "streams": ("streamtap_tcp_streams_completed", "Streams completed, by close reason.",
                 STREAM_REASONS),
     "evicted": ("streamtap_tcp_evictions",
-                "Connections closed early by a limit, by limit (max_flows, memory).",
+                "Connections closed early by a limit, by limit (max_flows, memory, emergency = "
+                "expired only by the shorter timeouts of emergency mode).",
                 EVICT_REASONS),
     "empty_dropped": ("streamtap_tcp_empty_streams_dropped",
                       "Streams without payload dropped (reassembly.emit_empty false).", ()),
@@ -112,6 +113,12 @@ ENGINE_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                              "covers them (late fill, README \"Policies\").", ()),
     "late_filled_bytes": ("streamtap_tcp_late_filled_bytes",
                           "Bytes put into skipped holes by late segments.", ()),
+    "part_late_bytes": ("streamtap_tcp_part_late_bytes",
+                        "Bytes captured for a part already emitted (retransmissions, or late "
+                        "fills that came too late): not delivered.", ()),
+    "emergency_entered": ("streamtap_tcp_memory_emergency",
+                          "Times a flow table entered emergency mode at its memory cap "
+                          "(shorter idle timeouts until usage falls under 70 %).", ()),
     "late_dropped_bytes": ("streamtap_tcp_late_dropped_bytes",
                            "Late bytes refused by the reassembly depth (they stay a gap).", ()),
     "channel_dropped": ("streamtap_channel_dropped",

@@ -57,10 +57,13 @@ class Reassembler:
     """
 
     def __init__(
-        self, config: ConfigLike = None, *, interface: str | None = None, summary: bool = True
+        self, config: ConfigLike = None, *, interface: str | None = None, summary: bool = True,
+        workers: int | None = None,
     ) -> None:
+        """`workers`: how many reassemblers share `reassembly.limits.memory` (each enforces
+        its share); None = `capture.workers` (0 = one per CPU core), as the live workers do."""
         self.config = cfg = _load_config(config)
-        self.limits = Limits.from_config(cfg)
+        self.limits = Limits.from_config(cfg, workers)
         self.table = FlowTable(self.limits, interface=interface)
         self._decoders: dict[int, Decoder] = {}
         # Every completed stream's endpoints, start and bytes, for summary() and get_streams();
@@ -78,15 +81,14 @@ class Reassembler:
         """
         cfg = _load_config(config)
         t = self.table
-        lim = Limits.from_config(cfg)
+        lim = Limits.from_config(cfg, t.limits.workers)
         if lim.keep_packets != t.limits.keep_packets:
             lim = dataclasses.replace(lim, keep_packets=t.limits.keep_packets)
         self.config = cfg
         self.limits = lim
         t.set_limits(lim)
-        for h in list(t.flows.values()):
-            f = h.flow
-            if h.is_client and f.state != CLOSED:
+        for f in t.open_flows():
+            if f.state != CLOSED:
                 t._set_state(f, f.state)
 
     def _decoder(self, linktype: int) -> Decoder:
@@ -137,6 +139,12 @@ class Reassembler:
         anything else completed."""
         self.table.flush("shutdown")
         return self.completed()
+
+    def flush_batches(self, chunk: int = 10_000) -> Iterator[list[Stream]]:
+        """`flush()` in batches of about `chunk` streams, each built only once the previous
+        one is handed over: memory stays that of the open flows, not twice it."""
+        for _ in self.table.flush_iter("shutdown", chunk):
+            yield self.completed()
 
     def summary(self) -> dict[str, dict[int, int]]:
         """Byte counts: {key: {client_port: client_bytes, server_port: server_bytes}} for every
@@ -238,7 +246,8 @@ class Pipeline:
         self.paths = [os.fspath(p) for p in paths]
         self.bpf = bpf
         self.count = count  # stop after this many packets (tcpdump -c)
-        self.reassembler = Reassembler(config, summary=summary)
+        # one worker reads the files today: it gets the whole memory cap
+        self.reassembler = Reassembler(config, summary=summary, workers=1)
         self.source: Sources | None = None
 
     def open(self) -> None:
@@ -276,9 +285,9 @@ class Pipeline:
                 r.feed_batch(linktype, data, meta)
                 yield r.completed()
         except (CaptureError, UnsupportedLinkType):
-            yield r.flush()  # what was read before the damage is still the user's
+            yield from r.flush_batches()  # what was read before the damage is still the user's
             raise
-        yield r.flush()
+        yield from r.flush_batches()
 
     def flush(self) -> list[Stream]:
         """Every stream still open, closed now ("shutdown"), and any completed but not handed

@@ -29,7 +29,7 @@ class Half:
         "flow", "peer", "is_client", "ip", "port",
         "next", "off", "buf", "room", "ooo", "ooo_bytes", "gaps",
         "isn", "syn", "fin", "fin_off", "rst", "packets", "seen",
-        "retrans", "overlaps", "depth_dropped", "late",
+        "retrans", "overlaps", "depth_dropped", "late", "base", "pbase", "pkt0",
     )
 
     def __init__(self, ip: bytes, port: int, room: int) -> None:
@@ -44,9 +44,12 @@ class Half:
         self.off = 0            # 64-bit offset of `next`
         self.buf = bytearray()
         self.room = room        # bytes left before the depth limit
-        self.ooo: list[list] = []   # sorted [offset, bytes, missing_tail] blocks, non-overlapping
+        # sorted [offset, bytes, missing_tail] blocks, non-overlapping; and the skipped holes,
+        # (offset, length, buf position). Both start as the shared empty tuple and become lists
+        # when first needed: most directions never hold either (a flow costs less)
+        self.ooo: Any = ()
         self.ooo_bytes = 0
-        self.gaps: list[tuple[int, int, int]] = []   # (offset, length, buf position)
+        self.gaps: Any = ()
         self.isn = -1
         self.syn = False
         self.fin = False
@@ -58,6 +61,10 @@ class Half:
         self.overlaps = 0       # segments whose bytes conflicted with bytes already held
         self.depth_dropped = 0
         self.late = 0           # bytes that filled a range already skipped as a gap
+        # parts (DESIGN "Parts"): `buf` holds only the current part; these say where it starts
+        self.base = 0           # delivered bytes emitted in earlier parts (the part's offset)
+        self.pbase = 0          # sequence-space offset where the current part starts
+        self.pkt0 = 0           # packets counted in earlier parts
 
 
 def rel_offset(h: Half, seq: int) -> int:
@@ -93,8 +100,10 @@ def skip_gap(h: Half, length: int, table) -> None:
     if h.gaps and h.gaps[-1][0] + h.gaps[-1][1] == h.off:
         g_off, g_len, g_pos = h.gaps[-1]
         h.gaps[-1] = (g_off, g_len + length, g_pos)   # adjacent gaps merge
-    else:
+    elif h.gaps:
         h.gaps.append((h.off, length, pos))
+    else:
+        h.gaps = [(h.off, length, pos)]
     h.off += length
     h.next = (h.next + length) & MASK32
     table.letter(h, "G")
@@ -117,7 +126,7 @@ def drain(h: Half, table) -> None:
 def _locate(h: Half, i: int) -> tuple[int, bool, int]:
     """Where offset `i` (< h.off) lies: (index of the first gap ending after `i`, whether `i`
     is inside that gap, position in `buf` of `i` or, inside a gap, of the gap)."""
-    base_off = base_pos = 0
+    base_off, base_pos = h.pbase, 0
     for k, (g_off, g_len, g_pos) in enumerate(h.gaps):
         if i < g_off:
             return k, False, base_pos + (i - base_off)
@@ -202,6 +211,8 @@ def store_ooo(h: Half, off: int, data: bytes, tail: int, policy_last: bool, tabl
     """Hold a segment that starts past h.off. Storage never knows the policy (Suricata's S2):
     the policy decides which bytes to insert, then plain non-overlapping blocks are stored."""
     ooo = h.ooo
+    if not ooo:
+        ooo = h.ooo = []
     end = off + len(data)
     if not ooo or ooo[-1][0] + len(ooo[-1][1]) <= off:
         # the common case: beyond everything held (Zeek tests append-at-tail first)
@@ -263,6 +274,16 @@ def segment(h: Half, seq: int, data: bytes, missing: int, policy_last: bool, tab
     """Every data segment that is not the plain in-order case lands here."""
     n = len(data)
     off = rel_offset(h, seq)
+    if off < h.pbase and h.pbase > 0:
+        # bytes of a part already emitted: a retransmission, or a late fill that came too late
+        # (a hole stays fillable only until its part is emitted); not delivered, counted
+        cut = min(n, h.pbase - off)
+        table.stats["part_late_bytes"] += cut
+        data = data[cut:]
+        off += cut
+        n = len(data)
+        if not n and not missing:
+            return
     if off < h.off:
         # starts in what was delivered: compare (and maybe overwrite) that part, keep the rest
         if off + n <= h.off:

@@ -5,7 +5,10 @@ against). One document per stream:
 
 - `_id` = `stream.id` (deterministic: the same capture gives the same ids), so a batch sent again
   after a lost response, a spool replay or a re-ingested pcap gets `409 conflict` for what is
-  already stored, and that counts as stored: every stream lands exactly once;
+  already stored, and that counts as stored: every stream lands exactly once. A long connection
+  emitted in parts (DESIGN "Parts") has one document per part: part 0 (and a stream emitted
+  whole) keeps `_id` = `stream.id`, part N > 0 gets `<stream.id>-<N>` (`doc_id`), so ids stay
+  unique and deterministic and a stream that never needed parts keeps the id it always had;
 - the body is the stream record (`streamtap.record.to_record`) with `payload_encoding: none`;
   `streamtap.payload_truncated` says whether an attachment was cut at `max_attachment`;
 - `_attachments`: `client.bin` / `server.bin` (application/octet-stream), inline base64, each
@@ -119,8 +122,15 @@ def _doc_parts(s: Stream, cap: int | None) -> tuple[dict[str, Any], list[tuple[s
             truncated = True
         atts.append((name, base64.b64encode(data)))
     doc["streamtap"]["payload_truncated"] = truncated
-    doc["_id"] = doc["stream"]["id"]
+    doc["_id"] = doc_id(s, doc["stream"]["id"])
     return doc, atts
+
+
+def doc_id(s: Stream, sid: str | None = None) -> str:
+    """The document `_id` of `s`: its stream id, with `-<part>` for parts after the first."""
+    sid = sid if sid is not None else s.id
+    part = getattr(s, "part", 0)
+    return f"{sid}-{part}" if part else sid
 
 
 def make_doc(s: Stream, max_attachment: int | None = 1 * MIB) -> dict[str, Any]:

@@ -20,6 +20,11 @@ Options (config ``sinks: [{type: pcap, ...}]``, defaults in ``DEFAULTS``):
   ``fe80__1_eth0``; ``community_id`` is ``1:hO+sN4H+MG5MY/8hIrXPqc4ZQz0=`` made base64url without
   padding and ``:`` -> ``_`` (``1_hO-sN4H-MG5MY_8hIrXPqc4ZQz0``). The template must stay under
   ``dir``: an absolute template or a ``..`` component is refused.
+- Parts (a long connection emitted as several records with the same ``stream.id``, DESIGN
+  "Parts"): each part carries the packets since the previous part, and with ``per_stream`` a
+  later part maps to the same file, which it appends to (the header is written once), so the
+  file ends up holding the whole connection. Templates using ``end`` or ``close_reason``, which
+  change from part to part, split a stream's parts over several files instead.
 - ``rotate_bytes`` / ``rotate_seconds`` (rotating): start a new file before a stream would take
   the file past that size / when the file is that old; 0 = never. A stream is never split
   across files. A stream of another link type than the open file's also starts a new file

@@ -213,6 +213,37 @@ def test_open_creates_database_and_index(pouch: CouchServer, db: str) -> None:
     again.close()
 
 
+def test_parts_get_one_document_each(pouch: CouchServer, db: str, tmp_path: Path) -> None:
+    # a connection emitted in parts (DESIGN "Parts"): `_id` = stream.id for part 0, then
+    # `<stream.id>-<part>`; sent twice, every part is still stored exactly once
+    import streamtap
+    from streamtap import config as cfgmod
+
+    conv = Conversation().handshake()
+    chunks = [bytes([i]) * 1000 for i in range(20)]
+    for chunk in chunks:
+        conv.send("client", chunk)
+    conv.send("server", b"done").close()
+    conv.write(tmp_path / "long.pcap")
+    cfg = cfgmod.load(None, {"reassembly": {"part_bytes": 4096}})
+    parts = list(streamtap.reassemble(str(tmp_path / "long.pcap"), config=cfg))
+    assert len(parts) == 5 and len({p.id for p in parts}) == 1   # 4 x 5,000 bytes, then "done"
+    sid = parts[0].id
+    sink = sink_for(pouch.url, db)
+    sink.open()
+    assert sink.write(parts).status == OK
+    assert sink.write(parts).status == OK      # 409 conflicts: already stored
+    want = [sid] + [f"{sid}-{n}" for n in range(1, 5)]
+    assert sorted(pouch.doc_ids(db)) == sorted(want)
+    got = b""
+    for doc_id, p in zip(want, parts, strict=True):
+        doc = pouch.get(f"/{db}/{doc_id}")
+        assert (doc["stream"]["id"], doc["tcp"]["close_reason"]) == (sid, p.close_reason)
+        if p.client_data:
+            got += attachment(pouch, db, doc_id, "client.bin")
+    assert got == b"".join(chunks)
+
+
 def test_docs_stored_with_exact_attachments(pouch: CouchServer, db: str, tmp_path: Path) -> None:
     # real streams: a reassembled capture, plus built ones (binary, empty, IPv6)
     conv = Conversation(client=("10.1.0.1", 40001), server=("10.1.0.2", 8080)).handshake()

@@ -26,6 +26,7 @@ from streamtap.api import Reassembler
 from streamtap.control import ControlServer
 from streamtap.counters import GAUGES, META_KEYS
 from streamtap.ctl import UnixHTTPConnection
+from streamtap.flowtable import FLOW_BYTES
 from streamtap.messages import Stats
 from streamtap.notify import Notifier
 from streamtap.supervisor import Supervisor
@@ -217,7 +218,9 @@ def provoking_config() -> Any:
         "capture": {"interface": "eth9", "workers": 1},
         "reassembly": {
             "emit_empty": False,
-            "limits": {"max_flows": 4, "memory": 5000, "depth": 1500, "ooo_bytes": 1000},
+            # the cap counts each open flow at FLOW_BYTES besides the 5,000 bytes held
+            "limits": {"max_flows": 4, "memory": 5000 + 4 * FLOW_BYTES, "depth": 1500,
+                       "ooo_bytes": 1000},
             "fragments": {"max_pending": 2, "timeout": 1.0},
         },
     })

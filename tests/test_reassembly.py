@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamtap.flowtable import FlowTable, Limits
+from streamtap.flowtable import FLOW_BYTES, FlowTable, Limits
 from streamtap.stream import Stream
 
 C_IP, S_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
@@ -463,13 +463,21 @@ def test_late_fill_counts_against_memory() -> None:
     assert c.t.mem == 0
 
 
-def test_late_fill_past_the_memory_cap_evicts() -> None:
-    c = skipped_hole(5, memory=10)                   # 8 bytes held, cap 10
-    assert c.t.stats["evicted_memory"] == 0
-    c.seg("c", 4, b"bbbb", ack_rel=0)                # 12 > 10: over the cap
-    assert c.t.stats["evicted_memory"] == 1
-    assert [s.close_reason for s in c.t.done] == ["evicted"]
-    assert c.t.done[0].client_data == b"aaaabbbbcccc" and c.t.mem == 0
+def test_late_fill_past_the_memory_cap_evicts_an_idle_flow() -> None:
+    # the cap counts each flow at FLOW_BYTES plus its bytes: two flows, 2 + 8 bytes held
+    t = FlowTable(Limits(memory=2 * FLOW_BYTES + 12))
+    Conn(9, table=t, t0=900.0, client=(C_IP, 999)).handshake().seg("c", 0, b"zz", ack_rel=0)
+    c = Conn(5, table=t).handshake()
+    c.seg("c", 0, b"aaaa", ack_rel=0).seg("c", 8, b"cccc", ack_rel=0).seg("s", 0, flags="A",
+                                                                          ack_rel=12)
+    assert t.stats["evicted_memory"] == 0
+    c.seg("c", 4, b"bbbb", ack_rel=0)                # 14 > 12: checked before, the idle one goes
+    assert t.stats["evicted_memory"] == 1
+    assert [(s.client[1], s.close_reason, s.client_data) for s in t.done] == [
+        (999, "evicted", b"zz")]
+    assert t.mem == FLOW_BYTES + 12
+    t.done.clear()
+    assert c.one().client_data == b"aaaabbbbcccc" and t.mem == 0
 
 
 def test_late_fill_respects_the_depth_and_counts_what_it_refuses() -> None:
