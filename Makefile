@@ -29,14 +29,15 @@ apt:
 
 venv: $(VENV)/.installed
 
-# The engine modules Cython compiles (COMPILED_MODULES in daemon/engine.py). `pip install -e .`
+# The engine modules Cython compiles (COMPILED_MODULES in daemon/engine/compiled.py).
+# `pip install -e .`
 # builds them once, and an edit to their .py source is not seen until the next install: so the
 # venv stamp depends on those sources too, and an edit reinstalls (and recompiles) on the next
 # `make test` / `make run`.
 BUILD_BACKEND := packaging/backend/streamtap_build.py packaging/backend/engine_modules.py
 ENGINE_SOURCES := $(shell python3 packaging/backend/engine_modules.py)
 
-$(VENV)/.installed: pyproject.toml daemon/engine.py $(BUILD_BACKEND) $(ENGINE_SOURCES)
+$(VENV)/.installed: pyproject.toml daemon/engine/compiled.py $(BUILD_BACKEND) $(ENGINE_SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -70,13 +71,15 @@ test: deps $(POUCHDB)
 	$(MAKE) --no-print-directory typecheck
 	$(VENV)/bin/python -m pytest -q
 
-# mypy does not follow package-dir, so it checks a throwaway non-editable install (DESIGN),
+# mypy and import-linter (the layers, README "Layout") do not follow package-dir, so they check
+# a throwaway non-editable install (DESIGN),
 # built without compiling the engine modules (mypy reads their .py)
 typecheck: venv
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	STREAMTAP_COMPILE=0 $(PY) -m pip install -q --no-deps --target "$$tmp/site" . >/dev/null && \
 	rm -rf build/lib build/lib.* build/bdist.* build/temp.* && \
-	cd "$$tmp/site" && $(CURDIR)/$(VENV)/bin/mypy -p streamtap --ignore-missing-imports
+	cd "$$tmp/site" && $(CURDIR)/$(VENV)/bin/mypy -p streamtap --ignore-missing-imports && \
+	PYTHONPATH="$$tmp/site" $(CURDIR)/$(VENV)/bin/lint-imports $(CURDIR)/pyproject.toml
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -275,7 +275,7 @@ def run_atheris(args: argparse.Namespace) -> int:
         return 1
     with atheris.instrument_imports(include=["streamtap"]):
         import streamtap
-        import streamtap.api  # noqa: F401  (the decoder and flow table, loaded instrumented)
+        import streamtap.engine.api  # noqa: F401  (the decoder and flow table, loaded instrumented)
 
     state = {"r": streamtap.Reassembler(summary=False), "n": 0}
 

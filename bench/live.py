@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import netns  # noqa: E402
 
 from streamtap import config  # noqa: E402
-from streamtap.worker import worker_process  # noqa: E402
+from streamtap.process.worker import worker_process  # noqa: E402
 
 PCAP = Path("/dev/shm/streamtap-live-bench.pcap")
 CLK = os.sysconf("SC_CLK_TCK")

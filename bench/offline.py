@@ -268,7 +268,7 @@ def machine_figures() -> dict:
 
 
 def _streamtap_version() -> str:
-    code = ("import streamtap, streamtap.engine as e; "
+    code = ("import streamtap, streamtap.engine.compiled as e; "
             "print(f'{streamtap.__version__} (engine: {e.engine()})')")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

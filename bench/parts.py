@@ -38,7 +38,7 @@ TMPFS = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 LIB_CHILD = """\
 import hashlib, json, sys
 import streamtap
-from streamtap.pipeline import Pipeline
+from streamtap.engine.pipeline import Pipeline
 pcap, cfg = sys.argv[1], sys.argv[2]
 acc = {}
 for batch in Pipeline(pcap, cfg).batches():

@@ -28,11 +28,11 @@ import machine  # bench/machine.py: the scripts run from bench/
 
 import streamtap
 import streamtap.config
+from streamtap.engine.stream import Stream
 from streamtap.sinks import codec, registry
 from streamtap.sinks.base import OK, Sink
 from streamtap.sinks.runner import SinkRunner
 from streamtap.sinks.spool import Spool
-from streamtap.stream import Stream
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -32,10 +32,10 @@ from pathlib import Path
 
 # The engine, in one place: when the modules move (issue 9), only these lines change.
 from streamtap import config as st_config
-from streamtap.decode import Decoder
-from streamtap.flowtable import META, FlowTable, Limits
-from streamtap.reader import read
-from streamtap.record import to_json, to_record
+from streamtap.engine.decode import Decoder
+from streamtap.engine.flowtable import META, FlowTable, Limits
+from streamtap.engine.reader import read
+from streamtap.engine.stream import to_json, to_record
 from streamtap.sinks.jsonl import JsonlSink
 
 HERE = Path(__file__).resolve().parent

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from .engine import COMPILED_MODULES, forced_python
-from .errors import Error
+from streamtap.engine.compiled import COMPILED_MODULES, forced_python
+from streamtap.errors import Error
 
 __version__ = "0.1.0"
 __all__ = ["Error", "Reassembler", "Stream", "get_streams", "reassemble", "__version__"]
@@ -54,11 +54,11 @@ if forced_python() and not any(isinstance(f, _SourceEngineFinder) for f in sys.m
 def __getattr__(name: str) -> Any:
     # Lazy, so `import streamtap.config` (the CLI's first step) does not load the engine.
     if name in ("Reassembler", "get_streams", "reassemble"):
-        from . import api
+        from streamtap.engine import api
 
         return getattr(api, name)
     if name == "Stream":
-        from .stream import Stream
+        from streamtap.engine.stream import Stream
 
         return Stream
     raise AttributeError(name)

@@ -14,14 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from streamtap import config
+from streamtap import __version__, config
 from streamtap.config import Config, ConfigError
+from streamtap.engine.compiled import engine
+from streamtap.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
 from streamtap.sinks.base import OK, Sink, SinkError, describe_error
 from streamtap.sinks.registry import build_sinks, parse_sink_spec, sink_types
-
-from . import __version__
-from .engine import engine
-from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
 
 
 class UsageError(Error):
@@ -184,9 +182,9 @@ def _summary_line(stats: dict[str, Any], elapsed: float) -> str:
 
 
 def run_offline(args: argparse.Namespace, cfg: Config) -> int:
-    from .decode import UnsupportedLinkType
-    from .pipeline import Pipeline
-    from .reader import CaptureError, FilterError
+    from streamtap.engine.decode import UnsupportedLinkType
+    from streamtap.engine.pipeline import Pipeline
+    from streamtap.engine.reader import CaptureError, FilterError
 
     sinks = build_sinks(cfg)
     pipe = Pipeline(args.read, cfg, bpf=cfg.capture.filter or None, count=args.count)
@@ -259,7 +257,7 @@ def _progress(total: int | None):
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "ctl":
-        from .ctl import main as ctl_main
+        from streamtap.process.ctl import main as ctl_main
 
         return ctl_main(argv[1:])
     parser = build_parser()
@@ -276,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.read:
             return run_offline(args, cfg)
         if args.interface or cfg.capture.interface:
-            from .live import run_live
+            from streamtap.process.live import run_live
 
             return run_live(args, cfg, load_config=lambda: load_config(args))
         raise UsageError("nothing to do: give -r FILE or -i IFACE (see --help)")

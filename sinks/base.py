@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streamtap.engine.stream import Stream
 from streamtap.errors import Error
-from streamtap.stream import Stream
 
 OK = "ok"
 RETRY = "retry"

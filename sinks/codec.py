@@ -1,6 +1,6 @@
 """Lossless serialization of a `Stream` for the disk spool.
 
-`encode(s)` is the stream's record (`streamtap.stream.to_json_chunks`, payloads base64, never
+`encode(s)` is the stream's record (`streamtap.engine.stream.to_json_chunks`, payloads base64, never
 capped) with the fields a record does not carry exactly spliced in as extra top-level keys:
 
 - `_start`, `_end`: the exact float timestamps (the record rounds them to microseconds);
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from streamtap.stream import Stream, to_json_chunks
+from streamtap.engine.stream import Stream, to_json_chunks
 
 _b64encode: Callable[[Any], bytes]
 try:  # the record's own base64 encoder (SIMD); binascii gives the same bytes, slower

@@ -9,7 +9,7 @@ against). One document per stream:
   emitted in parts (DESIGN "Parts") has one document per part: part 0 (and a stream emitted
   whole) keeps `_id` = `stream.id`, part N > 0 gets `<stream.id>-<N>` (`doc_id`), so ids stay
   unique and deterministic and a stream that never needed parts keeps the id it always had;
-- the body is the stream record (`streamtap.record.to_record`) with `payload_encoding: none`;
+- the body is the stream record (`streamtap.engine.stream.to_record`) with `payload_encoding: none`;
   `streamtap.payload_truncated` says whether an attachment was cut at `max_attachment`;
 - `_attachments`: `client.bin` / `server.bin` (application/octet-stream), inline base64, each
   direction capped at `max_attachment` bytes; an empty direction has no attachment.
@@ -57,8 +57,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError
 
 from streamtap.config.schema import ConfigError, redact_url, setting
-from streamtap.record import to_record
-from streamtap.stream import Stream
+from streamtap.engine.stream import Stream, to_record
 
 from .base import Result, Sink, SinkError
 

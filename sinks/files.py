@@ -29,7 +29,8 @@ Options (config ``sinks: [{type: files, ...}]``, ``--sink files:DIR``; defaults 
   default; the ``cN`` numbering runs within a subdirectory.
 
 Index: ``DIR/streams.jsonl`` gets one line per stream, written after its files: the stream's
-record as the JSONL sink writes it with ``payload_encoding: none`` (``streamtap.record``), plus
+record as the JSONL sink writes it with ``payload_encoding: none``
+(``streamtap.engine.stream``), plus
 ``streamtap.files = {"source": PATH|null, "destination": PATH|null}``: the files holding what the
 client (source) and the server (destination) sent, relative to DIR, null for a direction without
 bytes.
@@ -59,9 +60,8 @@ from json import dumps
 from typing import Any, Literal
 
 from streamtap.config.schema import setting
-from streamtap.record import to_record
+from streamtap.engine.stream import Stream, to_record
 from streamtap.sinks.base import Result, Sink
-from streamtap.stream import Stream
 
 INDEX_NAME = "streams.jsonl"
 GAP_MODES = ("skip", "zero")

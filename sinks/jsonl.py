@@ -1,4 +1,4 @@
-"""JSON Lines sink: one stream record per line (`streamtap.stream.to_json_chunks`), to a file
+"""JSON Lines sink: one stream record per line (`streamtap.engine.stream.to_json_chunks`), to a file
 or stdout.
 
 Options (config `sinks: [{type: jsonl, ...}]`, defaults in `DEFAULTS`):
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streamtap.config.schema import setting
+from streamtap.engine.stream import PAYLOAD_ENCODINGS, Stream, to_json_chunks
 from streamtap.sinks.base import Result, Sink
-from streamtap.stream import PAYLOAD_ENCODINGS, Stream, to_json_chunks
 
 MIB = 1024**2
 

@@ -74,9 +74,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streamtap.config.schema import ConfigError, setting
-from streamtap.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
+from streamtap.engine.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
+from streamtap.engine.stream import Stream
 from streamtap.sinks.base import Result, Sink
-from streamtap.stream import Stream
 
 # pcap file format (https://www.tcpdump.org/manpages/pcap-savefile.5.html)
 PCAP_VERSION_MAJOR = 2

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from streamtap.stream import Stream
+from streamtap.engine.stream import Stream
 
 from .base import FATAL, OK, RETRY, Result, Sink, SinkError, describe_error
 from .codec import decode, encode

@@ -75,8 +75,8 @@ def _tuple_key(a: tuple, b: tuple) -> tuple:
 
 def ours_for_file(path: Path) -> tuple[list, str | None]:
     import streamtap
-    from streamtap.decode import UnsupportedLinkType
-    from streamtap.reader import CaptureError
+    from streamtap.engine.decode import UnsupportedLinkType
+    from streamtap.engine.reader import CaptureError
 
     out = []
     try:

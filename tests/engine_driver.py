@@ -15,7 +15,7 @@ import json
 import sys
 
 import streamtap
-from streamtap.engine import engine
+from streamtap.engine.compiled import engine
 from streamtap.sinks.jsonl import JsonlSink
 
 

@@ -9,7 +9,7 @@ import pytest
 from pcapbuild import LINKTYPE_ETHERNET, Conversation, frame, write_pcap
 
 import streamtap
-from streamtap.reader import CaptureError
+from streamtap.engine.reader import CaptureError
 
 T0 = 1700000000.0
 REQUEST = b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"
@@ -106,7 +106,7 @@ def test_reassemble_bpf(capture: Path):
 
 
 def test_reassemble_bad_bpf(capture: Path):
-    from streamtap.reader import FilterError
+    from streamtap.engine.reader import FilterError
 
     with pytest.raises(FilterError, match="unknown port"):
         list(streamtap.reassemble(capture, bpf="port nosuchport"))
@@ -354,7 +354,7 @@ def test_get_streams_equal_ports_keep_both_directions(tmp_path: Path):
 
 
 def test_reassembler_get_streams_matches_the_file_call(capture: Path, tmp_path: Path):
-    from streamtap.reader import read
+    from streamtap.engine.reader import read
 
     r = streamtap.Reassembler()
     quiet = streamtap.Reassembler(summary=False)
@@ -385,7 +385,7 @@ def test_late_segment_fills_its_hole_and_is_counted(tmp_path: Path):
     p = tmp_path / "late.pcap"
     write_pcap(p, late_segment_conv().packets)
     r = streamtap.Reassembler()
-    for linktype, data, meta in streamtap.reader.read([str(p)]):
+    for linktype, data, meta in streamtap.engine.reader.read([str(p)]):
         r.feed_batch(linktype, data, meta)
     (s,) = r.flush()
     assert s.client_data == b"GET /late HTTP/1.1\r\nHost: example.com\r\n\r\n"[:40] + b"\r\n"

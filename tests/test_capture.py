@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from streamtap.api import Reassembler
-from streamtap.capture import CaptureOpenError, LiveHandle, fanout_group_id
+from streamtap.engine.api import Reassembler
+from streamtap.process.capture import CaptureOpenError, LiveHandle, fanout_group_id
 
 sys.path.insert(0, str(Path(__file__).parent))
 import netns  # noqa: E402
@@ -114,7 +114,7 @@ def test_missing_interface_is_exit_code_1_naming_it():
 
 def test_no_permission_is_exit_code_1_and_says_how_to_grant():
     code = (
-        "from streamtap.capture import LiveHandle, CaptureOpenError\n"
+        "from streamtap.process.capture import LiveHandle, CaptureOpenError\n"
         "try:\n"
         "    LiveHandle('lo', snaplen=96, buffer_size=0, promiscuous=False, bpf=None,"
         " fanout_group=None)\n"
@@ -160,7 +160,7 @@ def test_fanout_group_id_stable_and_distinct():
     assert 0 <= fanout_group_id("enp3s0f1") <= 0xFFFF
     # stable across processes (no hash randomisation)
     out = subprocess.run(
-        [sys.executable, "-c", "from streamtap.capture import fanout_group_id as f;"
+        [sys.executable, "-c", "from streamtap.process.capture import fanout_group_id as f;"
          "print(f('eth0'))"], capture_output=True, text=True, check=True,
     ).stdout
     assert int(out) == fanout_group_id("eth0")

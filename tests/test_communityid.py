@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamtap.communityid import community_id
+from streamtap.engine.communityid import community_id
 
 # Vectors from the spec's reference data, corelight/community-id-spec, files
 # baseline/baseline_deflt.json (seed 0) and baseline/baseline_seed1.json (seed 1), computed there

@@ -1,4 +1,5 @@
-"""daemon/control.py, daemon/ctl.py, daemon/metrics.py: the control API and its client."""
+"""daemon/process/control.py, daemon/process/ctl.py, daemon/process/metrics.py: the control API
+and its client."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import pytest
 from pcapbuild import Conversation, write_pcap
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamtap import ctl
-from streamtap.control import ControlError, ControlServer, parse_listen
-from streamtap.ctl import UnixHTTPConnection
-from streamtap.metrics import render
+from streamtap.process import ctl
+from streamtap.process.control import ControlError, ControlServer, parse_listen
+from streamtap.process.ctl import UnixHTTPConnection
+from streamtap.process.metrics import render
 
 T0 = 1700000000.0
 
@@ -243,7 +244,7 @@ def test_state_exception_is_500_and_logged(short_dir: Path,
         body = json.loads(r.read())
         conn.close()
     assert r.status == 500 and "boom" not in body["error"]
-    assert any(rec.name == "streamtap.control" and rec.exc_info for rec in caplog.records)
+    assert any(rec.name == "streamtap.process.control" and rec.exc_info for rec in caplog.records)
 
 
 def test_ingest(h: Harness) -> None:

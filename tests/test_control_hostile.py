@@ -28,7 +28,7 @@ import pytest
 import require
 from pcapbuild import Conversation
 
-from streamtap.control import MAX_HEAD, ControlServer, Limits
+from streamtap.process.control import MAX_HEAD, ControlServer, Limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import netns  # noqa: E402
@@ -466,7 +466,7 @@ def test_socket_mode_group_and_a_caller_outside_the_group(short_dir: Path) -> No
 
 def test_unknown_group_refused(short_dir: Path) -> None:
     from streamtap.config import ConfigError, loads
-    from streamtap.control import ControlError
+    from streamtap.process.control import ControlError
 
     with pytest.raises(ControlError, match="no such group"):
         make_server(short_dir, group="no-such-group-xyz").start()

@@ -22,10 +22,10 @@ from urllib.parse import quote
 
 import pytest
 
+from streamtap.engine.stream import Stream
 from streamtap.sinks.base import FATAL, OK, RETRY
 from streamtap.sinks.couchdb import CouchdbError, CouchdbSink, encode_doc, make_doc, redact_url
 from streamtap.sinks.runner import SinkRunner
-from streamtap.stream import Stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from couchserver import CouchServer, PouchdbMissing, free_port  # noqa: E402

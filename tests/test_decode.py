@@ -1,4 +1,5 @@
-"""streamtap.decode / streamtap.defrag: hand-built frames for every link type and path."""
+"""streamtap.engine.decode / streamtap.engine.defrag: hand-built frames for every link type and
+path."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import struct
 
 import pytest
 
-from streamtap.decode import (
+from streamtap.engine.compiled import compiled_modules
+from streamtap.engine.decode import (
     _FAST_LINKS,
     TH_ACK,
     TH_CWR,
@@ -17,7 +19,6 @@ from streamtap.decode import (
     Decoder,
     UnsupportedLinkType,
 )
-from streamtap.engine import compiled_modules
 
 SRC4 = bytes([10, 0, 0, 1])
 DST4 = bytes([192, 168, 1, 2])
@@ -695,7 +696,7 @@ def test_frame_bounds_outside_the_buffer_refused_by_the_compiled_engine(linktype
     # or reads less).
     buf = eth(ip4(tcp(b"x" * 40)))
     d = Decoder(linktype)
-    compiled = compiled_modules()["streamtap.decode"]
+    compiled = compiled_modules()["streamtap.engine.decode"]
     for off, end in ((0, len(buf) + 1), (-1, 10), (10, 5), (len(buf) + 100, len(buf) + 200)):
         if compiled:
             with pytest.raises(ValueError, match="outside the"):

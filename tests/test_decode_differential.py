@@ -22,7 +22,7 @@ import pytest
 from impacket import IP6, ImpactDecoder, ImpactPacket
 from impacket.IP6_Extension_Headers import IP6_Extension_Header
 
-from streamtap.decode import Decoder
+from streamtap.engine.decode import Decoder
 
 # DLT -> how impacket takes the frame: (decoder factory or None for "by IP version", bytes to
 # strip first). The 4-byte BSD loopback header has no impacket decoder; stripping it is all the

@@ -1,8 +1,8 @@
 """The compiled engine and the Python engine: which one runs, and that they agree byte for byte.
 
-`streamtap.engine.COMPILED_MODULES` lists the modules Cython compiles (pip install, make venv);
-STREAMTAP_ENGINE=python loads them from their .py source instead. The differential tests run
-the same captures through both engines, each in its own process, and compare the JSON Lines.
+`streamtap.engine.compiled.COMPILED_MODULES` lists the modules Cython compiles (pip install,
+make venv); STREAMTAP_ENGINE=python loads them from their .py source instead. The differential tests
+run the same captures through both engines, each in its own process, and compare the JSON Lines.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import pytest
 from pcapbuild import Conversation, write_pcap
 
 from streamtap import __version__
-from streamtap.engine import COMPILED_MODULES, ENGINE_ENV, compiled_modules, engine, forced_python
+from streamtap.engine.compiled import (
+    COMPILED_MODULES,
+    ENGINE_ENV,
+    compiled_modules,
+    engine,
+    forced_python,
+)
 
 TESTS = Path(__file__).resolve().parent
 STREAMTAP = Path(sys.executable).parent / "streamtap"
@@ -89,7 +95,7 @@ def test_env_forces_the_python_engine():
 
 
 def test_forced_python_loads_every_listed_module_from_source():
-    code = ("import importlib, streamtap.engine as e; "
+    code = ("import importlib, streamtap.engine.compiled as e; "
             "print(*[importlib.import_module(m).__file__ for m in e.COMPILED_MODULES])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env_for("python"), timeout=60)

@@ -18,12 +18,11 @@ from pcapbuild import Conversation, PcapWriter
 import streamtap
 from streamtap import config as cfgmod
 from streamtap.cli import main
-from streamtap.record import to_record
+from streamtap.engine.stream import Stream, to_record
 from streamtap.sinks import files as filesmod
 from streamtap.sinks import registry
 from streamtap.sinks.base import OK, RETRY
 from streamtap.sinks.files import FilesSink, address, direction_chunks, flow_name
-from streamtap.stream import Stream
 
 SINKS = registry.sink_types()
 T0 = 1700000000.0  # 2023-11-14T22:13:20Z

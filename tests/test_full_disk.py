@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import require
 
+from streamtap.engine.stream import Stream
 from streamtap.sinks.files import FilesSink
 from streamtap.sinks.jsonl import JsonlSink
 from streamtap.sinks.pcap import PcapSink
 from streamtap.sinks.runner import SinkRunner
 from streamtap.sinks.spool import Spool
-from streamtap.stream import Stream
 
 WAIT = 20.0
 PAYLOAD = 3000  # bytes per direction

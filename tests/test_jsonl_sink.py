@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from streamtap.engine.stream import Stream
 from streamtap.sinks import jsonl as jsonlmod
 from streamtap.sinks.base import FATAL, OK, RETRY
 from streamtap.sinks.jsonl import JsonlSink
-from streamtap.stream import Stream
 
 T0 = 1700000000.0
 

@@ -16,7 +16,7 @@ import tracemalloc
 from pathlib import Path
 
 from streamtap import config as cfgmod
-from streamtap.flowtable import (
+from streamtap.engine.flowtable import (
     EMBRYO_BYTES,
     FLOW_BYTES,
     HANDSHAKE,
@@ -24,7 +24,7 @@ from streamtap.flowtable import (
     FlowTable,
     Limits,
 )
-from streamtap.pipeline import Reassembler
+from streamtap.engine.pipeline import Reassembler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pcapbuild import Conversation, frame  # noqa: E402
@@ -111,7 +111,7 @@ def test_each_worker_enforces_its_share_of_the_cap() -> None:
     assert FlowTable(Limits.from_config(cfg)).mem_cap == 1_000_000
     assert Reassembler(cfg).table.mem_cap == 1_000_000
     # the offline pipeline runs one worker: it has the whole cap
-    from streamtap.pipeline import Pipeline
+    from streamtap.engine.pipeline import Pipeline
 
     assert Pipeline([], cfg).reassembler.table.mem_cap == 4_000_000
 

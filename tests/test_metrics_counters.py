@@ -21,16 +21,16 @@ from pcapbuild import ETHERTYPE_IPV4, Conversation, eth, ipv4, link_header, tcp
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamtap import config as cfgmod
-from streamtap import metrics
-from streamtap.api import Reassembler
-from streamtap.control import ControlServer
-from streamtap.counters import GAUGES, META_KEYS
-from streamtap.ctl import UnixHTTPConnection
-from streamtap.flowtable import FLOW_BYTES
-from streamtap.messages import Stats
-from streamtap.notify import Notifier
-from streamtap.supervisor import Supervisor
-from streamtap.worker import Worker
+from streamtap.engine.api import Reassembler
+from streamtap.engine.flowtable import FLOW_BYTES
+from streamtap.process import metrics
+from streamtap.process.control import ControlServer
+from streamtap.process.counters import GAUGES, META_KEYS
+from streamtap.process.ctl import UnixHTTPConnection
+from streamtap.process.messages import Stats
+from streamtap.process.notify import Notifier
+from streamtap.process.supervisor import Supervisor
+from streamtap.process.worker import Worker
 
 T0 = 1700000000.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -390,7 +390,7 @@ def readme_metrics_table() -> str:
 
 def test_readme_metrics_table_is_the_generated_one() -> None:
     assert readme_metrics_table() == metrics.reference_table(), (
-        "README metrics table is stale: paste streamtap.metrics.reference_table()")
+        "README metrics table is stale: paste streamtap.process.metrics.reference_table()")
 
 
 def engine_stats_keys() -> set[str]:
@@ -398,7 +398,7 @@ def engine_stats_keys() -> set[str]:
     a counter added there must be declared (name, help) and so appear in the README."""
     keys: set[str] = set()
     for mod in ("flowtable", "reassembly"):
-        src = (ROOT / "daemon" / f"{mod}.py").read_text()
+        src = (ROOT / "daemon" / "engine" / f"{mod}.py").read_text()
         keys.update(re.findall(r"""\bstats\[\s*["']([A-Za-z0-9_]+)["']\s*\]""", src))
     return keys
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import streamtap
 from streamtap import config as cfgmod
-from streamtap.flowtable import FlowTable, Limits
+from streamtap.engine.flowtable import FlowTable, Limits
+from streamtap.engine.stream import Stream
 from streamtap.sinks.base import OK
 from streamtap.sinks.files import FilesSink
 from streamtap.sinks.pcap import PcapSink
-from streamtap.stream import Stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pcapbuild import Conversation  # noqa: E402
@@ -146,7 +146,7 @@ def test_pcap_sink_appends_parts_to_the_stream_file(tmp_path: Path) -> None:
 
 CHILD = """\
 import hashlib, sys
-from streamtap.pipeline import Pipeline
+from streamtap.engine.pipeline import Pipeline
 from streamtap import config
 def hwm():
     with open("/proc/self/status") as f:

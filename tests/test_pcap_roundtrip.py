@@ -35,11 +35,11 @@ from sample import packets as sample_packets
 
 import streamtap
 from streamtap import config as cfgmod
-from streamtap.decode import UnsupportedLinkType
-from streamtap.reader import CaptureError
+from streamtap.engine.decode import UnsupportedLinkType
+from streamtap.engine.reader import CaptureError
+from streamtap.engine.stream import Stream
 from streamtap.sinks.base import OK
 from streamtap.sinks.pcap import PcapSink
-from streamtap.stream import Stream
 
 STREAMTAP = Path(sys.executable).parent / "streamtap"
 KEEP = cfgmod.loads("reassembly: {keep_packets: true}")

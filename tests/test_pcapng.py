@@ -1,4 +1,4 @@
-"""The stdlib pcapng fallback (streamtap.pcapng) for files libpcap refuses: interfaces of
+"""The stdlib pcapng fallback (streamtap.engine.pcapng) for files libpcap refuses: interfaces of
 different link types. Reached through reader.read()/open_source (libpcap first, then the
 fallback from the packet where libpcap gave up) and directly through PcapngReader."""
 
@@ -14,8 +14,8 @@ import require
 from pcapbuild import PcapngWriter, frame, write_pcap
 
 import streamtap
-from streamtap.pcapng import PcapngReader
-from streamtap.reader import META, CaptureError, FilterError, open_source, read
+from streamtap.engine.pcapng import PcapngReader
+from streamtap.engine.reader import META, CaptureError, FilterError, open_source, read
 
 ETH, RAW, SLL = 1, 101, 113
 DLT_RAW = pcapy.DLT_RAW  # LINKTYPE_RAW 101 reads back as DLT_RAW, as libpcap reports it

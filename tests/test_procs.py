@@ -12,8 +12,8 @@ import threading
 import time
 
 from streamtap import config as cfgmod
-from streamtap import procs
-from streamtap.messages import Failed
+from streamtap.process import procs
+from streamtap.process.messages import Failed
 
 HELD = threading.Lock()  # taken by a thread of the parent, as a sink runner holds its locks
 
@@ -77,8 +77,8 @@ def test_backoff_sequence():
 
 ABORT_SCRIPT = """
 import time
-from streamtap import procs
-from streamtap.procs import WorkerProc
+from streamtap.process import procs
+from streamtap.process.procs import WorkerProc
 import multiprocessing as mp
 if __name__ == "__main__":
     procs.start_forkserver()

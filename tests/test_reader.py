@@ -1,4 +1,4 @@
-"""daemon/reader.py: offline sources, damage reporting, stdin, merge, BPF."""
+"""daemon/engine/reader.py: offline sources, damage reporting, stdin, merge, BPF."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pcapy
 import pytest
 from pcapbuild import Conversation, PcapngWriter, PcapWriter, frame, write_pcap, write_pcapng
 
-from streamtap import reader
-from streamtap.reader import CaptureError, FilterError, open_source, read
+from streamtap.engine import reader
+from streamtap.engine.reader import CaptureError, FilterError, open_source, read
 
 META = struct.Struct("=IIII")
 
@@ -313,7 +313,7 @@ def test_silent_stop_is_detected(tmp_path: Path, conv: Conversation, fmt: str,
 
 STDIN_READER = """
 import struct, sys
-from streamtap.reader import read, CaptureError
+from streamtap.engine.reader import read, CaptureError
 n = 0
 try:
     for lt, data, meta in read(["-"], bpf=sys.argv[1] or None, n=4):

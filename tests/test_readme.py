@@ -27,19 +27,21 @@ def test_config_table_is_generated_from_the_schema():
 def test_layout_names_every_module():
     layout = _section("### Layout")
     files = sorted(p.relative_to(ROOT).as_posix() for d in ("daemon", "sinks", "config")
-                   for p in (ROOT / d).glob("*.py"))
+                   for p in (ROOT / d).rglob("*.py"))
     assert len(files) > 30
     missing = [f for f in files if f"`{f}`" not in layout]
     assert not missing, ("README.md, section Layout: add one line per module: "
                          + ", ".join(missing))
-    named = set(re.findall(r"`((?:daemon|sinks|config)/[\w.]+)`", layout))
+    named = set(re.findall(r"`((?:daemon|sinks|config)/[\w./]+)`", layout))
     gone = sorted(n for n in named if not (ROOT / n).exists())
     assert not gone, f"README.md, section Layout names files that do not exist: {gone}"
 
 
-def test_make_test_runs_ruff_mypy_and_pytest():
+def test_make_test_runs_ruff_mypy_import_linter_and_pytest():
     make = (ROOT / "Makefile").read_text()
     recipe = make[make.index("\ntest:"):].split("\n\n")[0]
     assert "ruff check" in recipe and "typecheck" in recipe and "pytest" in recipe, recipe
-    assert "mypy" in make[make.index("\ntypecheck:"):].split("\n\n")[0]
-    assert re.search(r"^make test +# ruff, mypy and pytest", _section("## Development"), re.M)
+    typecheck = make[make.index("\ntypecheck:"):].split("\n\n")[0]
+    assert "mypy" in typecheck and "lint-imports" in typecheck, typecheck
+    assert re.search(r"^make test +# ruff, mypy, import-linter \(the layers\) and pytest",
+                     _section("## Development"), re.M)

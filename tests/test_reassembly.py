@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from streamtap.flowtable import FLOW_BYTES, FlowTable, Limits
-from streamtap.stream import Stream
+from streamtap.engine.flowtable import FLOW_BYTES, FlowTable, Limits
+from streamtap.engine.stream import Stream
 
 C_IP, S_IP = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
 C_PORT, S_PORT = 40000, 80

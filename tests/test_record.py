@@ -12,9 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamtap.communityid import community_id
-from streamtap.record import encode_payload, stream_id, to_json, to_record
-from streamtap.stream import CLOSE_REASONS, Stream, to_json_chunks
+from streamtap.engine.communityid import community_id
+from streamtap.engine.stream import (
+    CLOSE_REASONS,
+    Stream,
+    encode_payload,
+    stream_id,
+    to_json,
+    to_json_chunks,
+    to_record,
+)
 
 # 2021-03-04T05:06:07.123456Z
 T0 = 1614834367.123456
@@ -323,7 +330,7 @@ def test_base64_is_the_simd_encoder() -> None:
     # pybase64 is a dependency: the record must not silently fall back to binascii (6x slower)
     import pybase64
 
-    from streamtap import stream
+    from streamtap.engine import stream
 
     assert stream._b64encode is pybase64.b64encode
 

@@ -11,11 +11,11 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from streamtap.engine.stream import Stream
 from streamtap.sinks.base import Result, Sink, SinkError
 from streamtap.sinks.codec import encode
 from streamtap.sinks.runner import SinkRunner, backoff_full_jitter
 from streamtap.sinks.spool import HEADER, Spool
-from streamtap.stream import Stream
 
 WAIT = 10.0  # generous upper bound for Event waits; tests finish long before
 

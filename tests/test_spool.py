@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
+from streamtap.engine.stream import Stream
 from streamtap.sinks.codec import decode, encode
 from streamtap.sinks.spool import CURSOR_NAME, HEADER, Spool
-from streamtap.stream import Stream
 
 
 def _segments(d) -> list[str]:

@@ -14,9 +14,9 @@ import signal
 import pytest
 
 from streamtap import config as cfgmod
-from streamtap import logs
-from streamtap.capture import CaptureOpenError
-from streamtap.messages import (
+from streamtap.process import logs
+from streamtap.process.capture import CaptureOpenError
+from streamtap.process.messages import (
     Eof,
     Ready,
     Reload,
@@ -27,9 +27,9 @@ from streamtap.messages import (
     Stopped,
     Streams,
 )
-from streamtap.messages import Failed as Error
-from streamtap.notify import Notifier
-from streamtap.supervisor import HaltServer, Supervisor
+from streamtap.process.messages import Failed as Error
+from streamtap.process.notify import Notifier
+from streamtap.process.supervisor import HaltServer, Supervisor
 
 
 class Clock:
@@ -634,8 +634,8 @@ def test_logs_stderr_plain_and_journal_detection(tmp_path):
     cfg = cfg_with(1)
     buf = io.StringIO()
     log = logs.setup(cfg, interface="eth9", stream=buf)
-    logging.getLogger("streamtap.supervisor").info("hello", extra=logs.fields(worker=1))
-    logging.getLogger("streamtap.supervisor").debug("hidden")
+    logging.getLogger("streamtap.process.supervisor").info("hello", extra=logs.fields(worker=1))
+    logging.getLogger("streamtap.process.supervisor").debug("hidden")
     assert "INFO: hello" in buf.getvalue() and "hidden" not in buf.getvalue()
     assert logs.fields(worker=1) == {"STREAMTAP_INTERFACE": "eth9", "STREAMTAP_WORKER": 1}
     logs.setup(cfg, verbose=1, stream=buf)

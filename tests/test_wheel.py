@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from streamtap.wheel import TimerEntry, TimerWheel
+from streamtap.engine.wheel import TimerEntry, TimerWheel
 
 
 def fired(entries: list[TimerEntry]) -> set[object]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from streamtap import config
-from streamtap.capture import CaptureOpenError
-from streamtap.messages import (
+from streamtap.process.capture import CaptureOpenError
+from streamtap.process.messages import (
     Eof,
     Failed,
     Ready,
@@ -24,7 +24,7 @@ from streamtap.messages import (
     Stopped,
     Streams,
 )
-from streamtap.worker import Worker, worker_process
+from streamtap.process.worker import Worker, worker_process
 
 sys.path.insert(0, str(Path(__file__).parent))
 import netns  # noqa: E402

@@ -1,4 +1,5 @@
-"""The one list of Cython-compiled modules, read from daemon/engine.py without importing it.
+"""The one list of Cython-compiled modules, read from daemon/engine/compiled.py without
+importing it.
 
 Stdlib only, so the Makefile can ask for the sources before any venv exists:
 
@@ -13,11 +14,11 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE_FILE = "daemon/engine.py"
+ENGINE_FILE = "daemon/engine/compiled.py"
 
 
 def compiled_modules(root: Path = ROOT) -> list[str]:
-    """COMPILED_MODULES from daemon/engine.py, without importing the package."""
+    """COMPILED_MODULES from daemon/engine/compiled.py, without importing the package."""
     tree = ast.parse((root / ENGINE_FILE).read_text(encoding="utf-8"))
     for node in tree.body:
         target = node.target if isinstance(node, ast.AnnAssign) else (
@@ -36,10 +37,16 @@ def module_sources(root: Path = ROOT) -> dict[str, str]:
         package_dir: dict[str, str] = tomllib.load(f)["tool"]["setuptools"]["package-dir"]
     out = {}
     for name in compiled_modules(root):
-        pkg, _, leaf = name.rpartition(".")
-        if pkg not in package_dir:
-            raise ValueError(f"{ENGINE_FILE}: {name}: package {pkg!r} not in package-dir")
-        src = f"{package_dir[pkg]}/{leaf}.py"
+        # the longest package-dir entry that holds the module (streamtap.engine.wheel lives
+        # in daemon/engine/wheel.py through "streamtap" = "daemon")
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            pkg = ".".join(parts[:cut])
+            if pkg in package_dir:
+                src = "/".join([package_dir[pkg], *parts[cut:]]) + ".py"
+                break
+        else:
+            raise ValueError(f"{ENGINE_FILE}: {name}: no package-dir entry holds it")
         if not (root / src).is_file():
             raise ValueError(f"{ENGINE_FILE}: {name}: {src} not found")
         out[name] = src

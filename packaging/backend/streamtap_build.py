@@ -3,10 +3,11 @@
 pyproject.toml names this module (`backend-path = ["packaging/backend"]`), so `pip install .`,
 `pip install -e .` and `python -m build` compile without a setup.py at the repository root.
 Everything is setuptools' own backend; the only addition is `ext_modules`, built from the one
-list of compiled modules, `COMPILED_MODULES` in daemon/engine.py (read by engine_modules.py with
-ast: the package is not importable while it is being built). Each listed module is an annotated
-.py file compiled in Cython's pure-Python mode; the .py is installed next to the extension, which
-the import system prefers. An empty list builds a pure-Python package, as before.
+list of compiled modules, `COMPILED_MODULES` in daemon/engine/compiled.py (read by
+engine_modules.py with ast: the package is not importable while it is being built). Each listed
+module is an annotated .py file compiled in Cython's pure-Python mode; the .py is installed next to
+the extension, which the import system prefers. An empty list builds a pure-Python package, as
+before.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def extensions() -> list[setuptools.Extension]:
     from Cython.Build import cythonize  # a build requirement (pyproject), so only needed here
 
     exts = [setuptools.Extension(name, [src]) for name, src in sources.items()]
-    # Extension names are the installed names (streamtap.wheel), not the tree's (daemon.wheel):
-    # cythonize keeps them, so the module's and its classes' names are right.
+    # Extension names are the installed names (streamtap.engine.wheel), not the tree's
+    # (daemon.engine.wheel): cythonize keeps them, so the module's and its classes' names are right.
     # the generated C goes to build/cython/, so it is neither next to the source (nor in git)
     # nor picked up as package data into the wheel
     return cythonize(exts, compiler_directives={"language_level": 3}, quiet=True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-from .errors import Error
+from streamtap.errors import Error
 
 __all__ = ["CaptureError", "FilterError"]
 

@@ -14,16 +14,15 @@ import os
 from collections.abc import Callable
 
 from streamtap.config import Config, paths
+from streamtap.process import logs
+from streamtap.process.control import ControlServer, Limits
+from streamtap.process.notify import Notifier
+from streamtap.process.procs import start_forkserver
+from streamtap.process.supervisor import Supervisor, worker_count
 from streamtap.sinks.registry import build_sinks
 from streamtap.sinks.runner import RunnerSink
 
-from . import logs
-from .control import ControlServer, Limits
-from .notify import Notifier
-from .procs import start_forkserver
-from .supervisor import Supervisor, worker_count
-
-log = logging.getLogger("streamtap.live")
+log = logging.getLogger("streamtap.process.live")
 
 
 def control_socket_path(args: argparse.Namespace, cfg: Config, interface: str) -> str:

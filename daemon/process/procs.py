@@ -8,17 +8,17 @@ in-process branches:
   to a shared ``multiprocessing.Queue`` can die holding its write lock or leave half a message in
   the pipe, which would stall or corrupt every other worker's streams (the multiprocessing docs
   warn about exactly this); a private queue dies with its worker.
-* :class:`InprocWorker`, the one-worker case: the :class:`~streamtap.worker.Worker` runs inside
-  the supervisor and its ``step()`` is the loop's wait.
+* :class:`InprocWorker`, the one-worker case: the :class:`~streamtap.process.worker.Worker`
+  runs inside the supervisor and its ``step()`` is the loop's wait.
 
 Fork safety: children never come from the supervisor's own memory. The supervisor runs threads
 (each sink's runner, the control server, the queue feeders), and a plain ``fork()`` copies
 whatever lock one of them held at that instant (logging, the heap, a sink's client) into a
 child that then deadlocks on it. Workers come from multiprocessing's *forkserver*: a fresh,
 single-threaded interpreter that :func:`start_forkserver` launches (fork + exec) at daemon start,
-before the first thread, with ``streamtap.worker`` preloaded so each worker is one cheap fork of
-it. The forkserver is started inside the daemon's network namespace, so its children capture
-there too. It keeps none of the supervisor's file descriptors, so a worker holds neither the
+before the first thread, with ``streamtap.process.worker`` preloaded so each worker is one
+cheap fork of it. The forkserver is started inside the daemon's network namespace, so its children
+capture there too. It keeps none of the supervisor's file descriptors, so a worker holds neither the
 self-pipe nor another worker's pipe.
 """
 
@@ -35,16 +35,27 @@ from multiprocessing import forkserver
 from typing import Any, Final, Protocol
 
 from streamtap.config import Config
-
-from .capture import CaptureLost, CaptureOpenError
-from .messages import Command, Eof, Failed, Ready, Reload, Report, Stats, Stop, Stopped, Streams
-from .messages import send as send_msg
-from .stream import Stream
-from .worker import STATS_EVERY, Worker, reload_worker, worker_process
+from streamtap.engine.stream import Stream
+from streamtap.process.capture import CaptureLost, CaptureOpenError
+from streamtap.process.messages import (
+    Command,
+    Eof,
+    Failed,
+    Ready,
+    Reload,
+    Report,
+    Stats,
+    Stop,
+    Stopped,
+    Streams,
+)
+from streamtap.process.messages import send as send_msg
+from streamtap.process.worker import STATS_EVERY, Worker, reload_worker, worker_process
 
 QUEUE_BATCHES = 64          # bounded stream queue per worker (batches)
 START_METHOD: Final = "forkserver"
-PRELOAD = ["streamtap.worker"]  # imported once in the forkserver: a worker is then a bare fork
+# imported once in the forkserver: a worker is then a bare fork
+PRELOAD = ["streamtap.process.worker"]
 
 
 def backoff_delay(failures: int, base: float = 1.0, cap: float = 60.0) -> float:
@@ -206,8 +217,8 @@ def spawn_process(index: int, cfg: Config, interface: str, count: int | None) ->
 
 
 class InprocWorker:
-    """A :class:`~streamtap.worker.Worker` run inside the supervisor, behind the same face as
-    a forked one: what a child would send arrives through `messages()` and `batches()`, and
+    """A :class:`~streamtap.process.worker.Worker` run inside the supervisor, behind the same
+    face as a forked one: what a child would send arrives through `messages()` and `batches()`, and
     its exit code is the one the child would have exited with."""
 
     inline = True

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamtap.config import Config
-
-from . import reassembly as ra
-from .decode import TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG
-from .pcapfmt import META
-from .reassembly import MASK32, UNLIMITED, Half
-from .stream import Stream
-from .wheel import TimerEntry, TimerWheel
+from streamtap.engine import reassembly as ra
+from streamtap.engine.decode import TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG
+from streamtap.engine.pcapfmt import META
+from streamtap.engine.reassembly import MASK32, UNLIMITED, Half
+from streamtap.engine.stream import Stream
+from streamtap.engine.wheel import TimerEntry, TimerWheel
 
 # flow states; each has its own idle timeout
 HANDSHAKE = 0

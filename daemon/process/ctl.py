@@ -25,8 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from streamtap.config.paths import runtime_dir
-
-from .errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
+from streamtap.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, Error
 
 POLL_INTERVAL = 0.2
 TIMEOUT = 10.0

@@ -4,11 +4,12 @@ Modelled on gunicorn's arbiter (STYLE G1–G4). Signal handlers only enqueue the
 one byte to a self-pipe (G1). The run loop waits ~0.1 s on (self-pipe, worker pipes, stream
 queues, worker sentinels), dispatches ``handle_<sig>``, then every pass: reads the workers'
 reports, drains their streams to the sinks, reaps the dead, murders the silent, respawns
-(:mod:`streamtap.pool`), and speaks to systemd (G4: a no-op off systemd).
+(:mod:`streamtap.process.pool`), and speaks to systemd (G4: a no-op off systemd).
 
-Where things are: :mod:`streamtap.procs` starts and kills workers (forked from the forkserver,
-or in-process when there is one), :mod:`streamtap.messages` is what they say,
-:mod:`streamtap.pool` keeps N of them alive, :mod:`streamtap.counters` sums their counters.
+Where things are: :mod:`streamtap.process.procs` starts and kills workers (forked from the
+forkserver, or in-process when there is one), :mod:`streamtap.process.messages` is what they
+say, :mod:`streamtap.process.pool` keeps N of them alive, :mod:`streamtap.process.counters`
+sums their counters.
 """
 
 from __future__ import annotations
@@ -25,16 +26,15 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 from streamtap.config import Config
+from streamtap.engine.stream import Stream
+from streamtap.process import logs
+from streamtap.process.counters import Counters, sink_label
+from streamtap.process.messages import Reload
+from streamtap.process.notify import Notifier
+from streamtap.process.pool import HaltServer, Pool, Slot
+from streamtap.process.procs import InprocWorker, Spawn, spawn_process
 
-from . import logs
-from .counters import Counters, sink_label
-from .messages import Reload
-from .notify import Notifier
-from .pool import HaltServer, Pool, Slot
-from .procs import InprocWorker, Spawn, spawn_process
-from .stream import Stream
-
-log = logging.getLogger("streamtap.supervisor")
+log = logging.getLogger("streamtap.process.supervisor")
 
 SIGNALS = ("HUP", "INT", "TERM", "USR1", "CHLD")
 

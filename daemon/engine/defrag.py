@@ -1,4 +1,4 @@
-"""IPv4 and IPv6 fragment reassembly for the decoder (`streamtap.decode`).
+"""IPv4 and IPv6 fragment reassembly for the decoder (`streamtap.engine.decode`).
 
 Bounded on every axis, because fragments are a classic way to make a sniffer hold memory:
 

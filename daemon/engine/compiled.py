@@ -16,7 +16,11 @@ import os
 __all__ = ["COMPILED_MODULES", "ENGINE_ENV", "compiled_modules", "engine", "forced_python"]
 
 # Keep this a literal tuple of strings: the build backend reads it with ast, without importing.
-COMPILED_MODULES: tuple[str, ...] = ("streamtap.wheel", "streamtap.decode", "streamtap.defrag")
+COMPILED_MODULES: tuple[str, ...] = (
+    "streamtap.engine.wheel",
+    "streamtap.engine.decode",
+    "streamtap.engine.defrag",
+)
 
 ENGINE_ENV = "STREAMTAP_ENGINE"
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import pcapy
 
-from .errors import EXIT_CAPTURE_LOST, EXIT_RUNTIME, EXIT_USAGE, Error
+from streamtap.errors import EXIT_CAPTURE_LOST, EXIT_RUNTIME, EXIT_USAGE, Error
 
 # linux/if_packet.h
 PACKET_FANOUT_HASH = pcapy.PACKET_FANOUT_HASH

@@ -36,7 +36,7 @@ from functools import partial
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from .communityid import community_id, community_id_packed, pack_ip
+from streamtap.engine.communityid import community_id, community_id_packed, pack_ip
 
 _b64encode: Callable[[Any], bytes]
 try:  # SIMD base64 (AVX2/AVX-512/NEON): ~6x binascii on bulk payloads

@@ -17,14 +17,22 @@ import time
 from collections.abc import Callable
 
 from streamtap.config import Config
+from streamtap.engine.stream import Stream
+from streamtap.errors import EXIT_RUNTIME, EXIT_USAGE
+from streamtap.process.counters import Counters, WorkerView
+from streamtap.process.messages import (
+    Failed,
+    Ready,
+    Reloaded,
+    ReloadFailed,
+    Report,
+    Stats,
+    Stop,
+    Stopped,
+)
+from streamtap.process.procs import Spawn, WorkerHandle, backoff_delay
 
-from .counters import Counters, WorkerView
-from .errors import EXIT_RUNTIME, EXIT_USAGE
-from .messages import Failed, Ready, Reloaded, ReloadFailed, Report, Stats, Stop, Stopped
-from .procs import Spawn, WorkerHandle, backoff_delay
-from .stream import Stream
-
-log = logging.getLogger("streamtap.supervisor")
+log = logging.getLogger("streamtap.process.supervisor")
 
 # exit codes of a worker that cannot start: stop the daemon
 BOOT_ERRORS = (EXIT_RUNTIME, EXIT_USAGE)

@@ -1,6 +1,6 @@
 """Every message between a worker and the supervisor, one frozen dataclass each.
 
-Two channels per forked worker (see :mod:`streamtap.procs` for why the queue is private):
+Two channels per forked worker (see :mod:`streamtap.process.procs` for why the queue is private):
 
 - the pipe, both ways: worker → supervisor :data:`Report` (every one of them is also a
   heartbeat, G2); supervisor → worker :data:`Command`;
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamtap.config import Config
-
-from .stream import Stream
+from streamtap.engine.stream import Stream
 
 # --------------------------------------------------------------------------- worker → supervisor
 
@@ -42,7 +41,8 @@ class Failed:
 @dataclass(frozen=True, slots=True)
 class Stats:
     """Every counter of the worker (~1 s apart): cumulative numbers and {reason: n} dicts,
-    summed by :mod:`streamtap.counters`; ``stats["last_progress"]`` is the worker's last pass."""
+    summed by :mod:`streamtap.process.counters`; ``stats["last_progress"]`` is the worker's
+    last pass."""
     stats: dict[str, Any]
 
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import cython
 
-from .defrag import Defragmenter
-from .errors import Error
+from streamtap.engine.defrag import Defragmenter
+from streamtap.errors import Error
 
 # --- Link types (tcpdump.org/linktypes.html; pcapy reports the DLT value, which equals the
 # LINKTYPE value except for raw IP: LINKTYPE_RAW 101 reads back as DLT_RAW 12, or 14 on OpenBSD).

@@ -24,12 +24,11 @@ from typing import Any
 
 import streamtap.config as cfgmod
 from streamtap.config import Config
-
-from .decode import Decoder, UnsupportedLinkType
-from .flowtable import CLOSED, FlowTable, Limits
-from .pcapfmt import META_LEN, CaptureError
-from .reader import Sources
-from .stream import Stream
+from streamtap.engine.decode import Decoder, UnsupportedLinkType
+from streamtap.engine.flowtable import CLOSED, FlowTable, Limits
+from streamtap.engine.pcapfmt import META_LEN, CaptureError
+from streamtap.engine.reader import Sources
+from streamtap.engine.stream import Stream
 
 __all__ = ["ConfigLike", "Pipeline", "Reassembler", "streams_dict"]
 
@@ -161,8 +160,9 @@ class Reassembler:
     def get_streams(self) -> dict[str, dict[int, bytes]]:
         """Stream contents of every completed stream, as the scapy stream extractor's
         get_streams() returned them: {"SRC:SPORT ==> DST:DPORT": {SPORT: client_bytes, DPORT:
-        server_bytes}} (`streamtap.api` docstring: port reuse and equal ports). Call `flush()`
-        first to include the streams still open. Empty with `Reassembler(summary=False)`."""
+        server_bytes}} (`streamtap.engine.api` docstring: port reuse and equal ports). Call
+        `flush()` first to include the streams still open. Empty with
+        `Reassembler(summary=False)`."""
         return streams_dict(self._kept or ())
 
     @property
@@ -216,7 +216,7 @@ def _streams_key(s: Stream) -> str:
 
 
 def streams_dict(streams: Iterable[Stream]) -> dict[str, dict[int, bytes]]:
-    """The get_streams() dict of these streams (`streamtap.api` docstring)."""
+    """The get_streams() dict of these streams (`streamtap.engine.api` docstring)."""
     parts: dict[str, list[tuple[float, int, Stream]]] = {}
     for n, s in enumerate(streams):
         parts.setdefault(_streams_key(s), []).append((s.start, n, s))

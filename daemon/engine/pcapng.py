@@ -39,7 +39,7 @@ from typing import Any
 
 import pcapy
 
-from .pcapfmt import (
+from streamtap.engine.pcapfmt import (
     MAX_SNAPLEN,
     META,
     PCAPNG_BYTE_ORDER_MAGIC,

@@ -3,19 +3,19 @@
 Endpoints (every body is JSON except /metrics; every error is `{"error": "..."}`):
 
 - ``GET /status``: the supervisor's state dict.
-- ``GET /metrics``: Prometheus text format 0.0.4 (see `streamtap.metrics`).
+- ``GET /metrics``: Prometheus text format 0.0.4 (see `streamtap.process.metrics`).
 - ``POST /pcaps`` with ``{"path": "/abs/file.pcap"}``: reassemble that capture with a flow table
   of its own and hand its streams to ``deliver`` (the running sinks). The path must resolve
   (symlinks followed) inside one of ``ingest_dirs``. Answers 202 with the job and
   ``Location: /pcaps/<id>``. Jobs run one at a time, in order, on one background thread
-  (`streamtap.ingest`); when `ingest.MAX_QUEUED` jobs already wait, the answer is 503.
+  (`streamtap.process.ingest`); when `ingest.MAX_QUEUED` jobs already wait, the answer is 503.
   ``POST /pcap`` is an alias (the Go reassembler streamtap replaces took paths there); POST only.
 - ``GET /pcaps/<id>``: the job: ``{"id", "path", "status": queued|running|done|failed,
   "packets", "streams", "error", "started", "finished"}``. ``started`` is when the job was
   accepted; ``path`` is the resolved path that is read. ``GET /pcaps`` lists the kept jobs.
 
-The server never sends a traceback: exceptions are logged on the ``streamtap.control`` logger and
-the client gets a 500 with a one-line error. Request lines are logged at debug level.
+The server never sends a traceback: exceptions are logged on the ``streamtap.process.control``
+logger and the client gets a 500 with a one-line error. Request lines are logged at debug level.
 
 Hostile clients (see `Limits`): at most ``max_connections`` connections are served at once, each
 on its own thread; one more is answered 503 by the listener thread and closed, so a flood costs a
@@ -49,13 +49,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from streamtap.config import Config
+from streamtap.engine.stream import Stream
+from streamtap.errors import Error
+from streamtap.process import metrics
+from streamtap.process.ingest import MAX_QUEUED, IngestError, IngestJob, Ingestor
 
-from . import metrics
-from .errors import Error
-from .ingest import MAX_QUEUED, IngestError, IngestJob, Ingestor
-from .stream import Stream
-
-log = logging.getLogger("streamtap.control")
+log = logging.getLogger("streamtap.process.control")
 
 __all__ = ["ControlError", "ControlServer", "IngestJob", "parse_listen"]
 

@@ -1,11 +1,12 @@
 """One capture shard: a `LiveHandle` feeding a `Reassembler`, and the worker child process body.
 
 `Worker` is the loop's state; `worker_process` runs it inside a child started by the supervisor
-(from the forkserver, :mod:`streamtap.procs`), and :class:`streamtap.procs.InprocWorker` runs it
-inside the supervisor when there is one worker. `Worker.__init__` only stores its arguments
-(gunicorn G4): the handle and the reassembler are created in `start()`, in the capturing process.
+(from the forkserver, :mod:`streamtap.process.procs`), and
+:class:`streamtap.process.procs.InprocWorker` runs it inside the supervisor when there is one
+worker. `Worker.__init__` only stores its arguments (gunicorn G4): the handle and the reassembler
+are created in `start()`, in the capturing process.
 
-Protocol with the supervisor (G2, G3, N4), every message a :mod:`streamtap.messages` type:
+Protocol with the supervisor (G2, G3, N4), every message a :mod:`streamtap.process.messages` type:
 
 - over `conn` (a `multiprocessing.Pipe` end) the worker sends `Ready` once the handle is open;
   `Failed(exit_code, message)` when it cannot open (the child then exits with that code: 1
@@ -38,10 +39,11 @@ import time
 from typing import Any
 
 from streamtap.config import Config
-
-from .api import Reassembler
-from .capture import CaptureLost, CaptureOpenError, LiveHandle, fanout_group_id
-from .messages import (
+from streamtap.engine.api import Reassembler
+from streamtap.engine.pcapfmt import META
+from streamtap.engine.stream import Stream
+from streamtap.process.capture import CaptureLost, CaptureOpenError, LiveHandle, fanout_group_id
+from streamtap.process.messages import (
     Eof,
     Failed,
     Ready,
@@ -54,8 +56,6 @@ from .messages import (
     Streams,
     send,
 )
-from .pcapfmt import META
-from .stream import Stream
 
 BATCH = 4096  # packets per next_batch call
 PENDING_MAX = 1000  # completed streams held while the queue is full; beyond: oldest dropped

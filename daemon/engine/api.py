@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 
-from .pipeline import ConfigLike, Pipeline, Reassembler, streams_dict
-from .stream import Stream
+from streamtap.engine.pipeline import ConfigLike, Pipeline, Reassembler, streams_dict
+from streamtap.engine.stream import Stream
 
 __all__ = ["Reassembler", "get_streams", "reassemble", "streams_dict"]
 

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 import pcapy
 
-from .pcapfmt import (
+from streamtap.engine.pcapfmt import (
     MAX_SNAPLEN,
     META,
     META_LEN,
@@ -45,7 +45,7 @@ from .pcapfmt import (
     CaptureError,
     FilterError,
 )
-from .pcapng import PcapngReader
+from streamtap.engine.pcapng import PcapngReader
 
 __all__ = ["CaptureError", "FilterError", "Source", "open_source", "read"]
 

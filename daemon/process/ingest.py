@@ -22,13 +22,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from streamtap.config import Config
+from streamtap.engine.decode import UnsupportedLinkType
+from streamtap.engine.pipeline import Pipeline
+from streamtap.engine.reader import CaptureError
+from streamtap.engine.stream import Stream
 
-from .decode import UnsupportedLinkType
-from .pipeline import Pipeline
-from .reader import CaptureError
-from .stream import Stream
-
-log = logging.getLogger("streamtap.control")
+log = logging.getLogger("streamtap.process.control")
 
 __all__ = ["IngestError", "IngestJob", "Ingestor", "MAX_QUEUED"]
 
