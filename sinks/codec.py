@@ -17,16 +17,14 @@ from __future__ import annotations
 import binascii
 import json
 from collections.abc import Callable
-from functools import partial
 from typing import Any
+
+import pybase64
 
 from streamtap.engine.stream import Stream, to_json_chunks
 
-_b64encode: Callable[[Any], bytes]
-try:  # the record's own base64 encoder (SIMD); binascii gives the same bytes, slower
-    from pybase64 import b64encode as _b64encode
-except ImportError:  # pragma: no cover - pybase64 is a dependency; same bytes, only slower
-    _b64encode = partial(binascii.b2a_base64, newline=False)
+# the record's own base64 encoder (SIMD)
+_b64encode: Callable[[Any], bytes] = pybase64.b64encode
 
 __all__ = ["decode", "encode"]
 

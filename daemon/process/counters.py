@@ -51,9 +51,9 @@ class WorkerView:
 
 
 def sink_label(sink: Any) -> str:
-    name = getattr(sink, "name", None) or type(sink).__name__
-    path = getattr(sink, "path", None)
-    return f"{name}:{path}" if path and name in ("jsonl", "pcap") else str(name)
+    """The sink's name as build_sinks gave it (`sink_names`: `jsonl`, `jsonl-2`): the one
+    name in logs, /status, metric labels and spool directories."""
+    return str(getattr(sink, "name", None) or type(sink).__name__)
 
 
 class Counters:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
+from systemd.journal import JournalHandler
+
 from streamtap.config import Config
 
 LOGGER = "streamtap"
@@ -99,16 +101,11 @@ def setup(
         h.close()
     handler: logging.Handler | None = None
     if stream is None and journal_stderr(env):
-        try:
-            from systemd.journal import JournalHandler
-
-            kw = {"SYSLOG_IDENTIFIER": "streamtap"}
-            if interface:
-                kw["STREAMTAP_INTERFACE"] = interface
-            handler = JournalHandler(**kw)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-        except ImportError:
-            handler = None
+        kw = {"SYSLOG_IDENTIFIER": "streamtap"}
+        if interface:
+            kw["STREAMTAP_INTERFACE"] = interface
+        handler = JournalHandler(**kw)
+        handler.setFormatter(logging.Formatter("%(message)s"))
     if handler is None:
         handler = logging.StreamHandler(stream or sys.stderr)
         fmt = cfg.logging.format

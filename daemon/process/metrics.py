@@ -14,13 +14,14 @@ the flow table reaches the operator with no plumbing, and the README test then a
 declaration (name and help).
 
 `worker` is the worker slot index (a restarted worker keeps its slot); `sink` is the sink's
-name, made unique with `#<index>` when two sinks share one.
+name, made unique by `streamtap.sinks.registry.sink_names` (`jsonl`, `jsonl-2`), as its spool.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 from prometheus_client.core import (
@@ -30,6 +31,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import generate_latest
+
+from streamtap.sinks.registry import sink_names
 
 __all__ = ["CONTENT_TYPE", "ENGINE_COUNTERS", "StateCollector", "reference_table", "registry",
            "render"]
@@ -216,12 +219,12 @@ def families(state: Mapping[str, Any]) -> list[Metric]:
                                 labels=["sink"])
     enospc = CounterMetricFamily("streamtap_sink_enospc", _DOC["streamtap_sink_enospc"][2],
                                  labels=["sink"])
-    seen: set[str] = set()
-    for i, s in enumerate(state.get("sinks") or ()):
-        name = str(s.get("name") or s.get("type") or f"sink{i}")
-        if name in seen:
-            name = f"{name}#{i}"
-        seen.add(name)
+    sinks = list(state.get("sinks") or ())
+    # the daemon's sinks are already named apart by build_sinks; the same scheme keeps the
+    # labels apart for any other caller of render()
+    sink_labels = sink_names(SimpleNamespace(name=s.get("name"), type=s.get("type") or "sink")
+                             for s in sinks)
+    for name, s in zip(sink_labels, sinks, strict=True):
         rec = dict(s.get("records") or {})
         for result in SINK_RESULTS:
             records.add_metric([name, result], _num(rec.pop(result, 0)))

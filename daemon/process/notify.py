@@ -20,12 +20,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
+from systemd import daemon
+
 
 def _sd_notify(state: str) -> bool:
-    try:
-        from systemd import daemon
-    except ImportError:  # systemd-python missing: behave as off systemd
-        return False
     for _ in range(3):  # the C call returns EINTR to us when a signal lands mid-sendmsg
         try:
             return bool(daemon.notify(state))
