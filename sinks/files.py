@@ -16,7 +16,8 @@ name is found. So a later connection on a reused 4-tuple gets the next suffix, a
 (or a second run into the same DIR) never overwrites an earlier run's files: its files continue
 the numbering. Each direction is numbered on its own, as tcpflow does.
 
-Options (config ``sinks: [{type: files, ...}]``, ``--sink files:DIR``; defaults in ``DEFAULTS``):
+Options (config ``sinks: [{type: files, ...}]``, ``--sink files:DIR``; declared with their
+defaults in ``FilesOptions``):
 
 - ``dir`` (required): where files go (created if missing).
 - ``gaps``: ``skip`` (default: the direction's bytes, holes left out, as every other sink) or
@@ -49,6 +50,7 @@ Files are created with mode 0640 (umask applies): they hold captured traffic.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -64,15 +66,8 @@ from streamtap.engine.stream import Stream, to_record
 from streamtap.sinks.base import Result, Sink
 
 INDEX_NAME = "streams.jsonl"
-GAP_MODES = ("skip", "zero")
 SUBDIRS = {"none": "", "day": "%Y%m%d/", "hour": "%Y%m%d/%H/"}
 PART = "part"  # tcp.close_reason of every part of a stream but the last
-
-DEFAULTS: dict[str, Any] = {
-    "dir": None,
-    "gaps": "skip",
-    "subdirs": "none",
-}
 
 # Names already tried per base name: the next cN to try, so a tuple reused thousands of times
 # costs one open per new file, not one per earlier connection. Cleared past this size.
@@ -98,21 +93,6 @@ def flow_name(src: tuple[str, int], dst: tuple[str, int], counter: int = 0) -> s
     """tcpflow's file name for the bytes `src` sent to `dst` (`counter` > 0 appends cN)."""
     name = f"{address(src[0])}.{src[1]:05d}-{address(dst[0])}.{dst[1]:05d}"
     return f"{name}c{counter}" if counter else name
-
-
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown files sink option(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
-    if not o["dir"]:
-        raise ValueError("the files sink needs a dir")
-    if o["gaps"] not in GAP_MODES:
-        raise ValueError(f"gaps must be one of {', '.join(GAP_MODES)}, got {o['gaps']!r}")
-    if o["subdirs"] not in SUBDIRS:
-        raise ValueError(f"subdirs must be one of {', '.join(SUBDIRS)}, got {o['subdirs']!r}")
-    return o
 
 
 @dataclass(frozen=True)
@@ -164,11 +144,11 @@ class FilesSink(Sink):
         interface: str | None = None,
         state_dir: str | None = None,
     ) -> None:
-        o = _options(options or {})
-        super().__init__(name, o, interface=interface, state_dir=state_dir)
-        self.dir: str = os.fspath(o["dir"])
-        self.zero_fill: bool = o["gaps"] == "zero"
-        self.subdirs: str = o["subdirs"]
+        o: FilesOptions = self.parse_options(options)
+        super().__init__(name, dataclasses.asdict(o), interface=interface, state_dir=state_dir)
+        self.dir: str = o.dir
+        self.zero_fill: bool = o.gaps == "zero"
+        self.subdirs: str = o.subdirs
         self._subdir_format = SUBDIRS[self.subdirs]
         self.index_path = os.path.join(self.dir, INDEX_NAME)
         self._index_fd: int | None = None

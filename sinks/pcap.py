@@ -3,7 +3,8 @@
 Needs the raw packets: run the reassembler with ``reassembly.keep_packets: true``. A stream
 without them (``Stream.packets is None``) makes write() return ``Result.fatal`` saying so.
 
-Options (config ``sinks: [{type: pcap, ...}]``, defaults in ``DEFAULTS``):
+Options (config ``sinks: [{type: pcap, ...}]``, declared with their defaults in
+``PcapOptions``):
 
 - ``dir`` (required): where files go (created if missing).
 - ``mode``: ``per_stream`` (one file per stream, named by ``template``) or ``rotating`` (every
@@ -61,6 +62,7 @@ the open files and returns ``Result.retry``: a retry never duplicates packets.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import os
@@ -88,18 +90,6 @@ DEFAULT_TEMPLATE = (
     "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap"
 )
 ROTATING_FORMAT = "streamtap-%Y%m%d-%H%M%S"
-MODES = ("per_stream", "rotating")
-
-DEFAULTS: dict[str, Any] = {
-    "dir": None,
-    "mode": "per_stream",
-    "template": DEFAULT_TEMPLATE,
-    "rotate_bytes": 0,
-    "rotate_seconds": 0,
-    "max_open_files": 256,
-    "nanosecond": False,
-    "snaplen": MAX_SNAPLEN,
-}
 
 TEMPLATE_FIELDS = (
     "start", "end", "client_ip", "client_port", "server_ip", "server_port", "stream_id",
@@ -191,22 +181,6 @@ def check_template(template: str) -> str:
     return template
 
 
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown pcap sink option(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
-    if not o["dir"]:
-        raise ValueError("the pcap sink needs a dir")
-    if o["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {o['mode']!r}")
-    if o["max_open_files"] < 1:
-        raise ValueError(f"max_open_files must be at least 1, got {o['max_open_files']}")
-    check_template(o["template"])
-    return o
-
-
 def _pcap_template(value: str, path: str) -> str:
     try:
         check_template(value)
@@ -224,7 +198,7 @@ class PcapOptions:
         "per_stream", help="One file per stream (named by template), or one rotating file."
     )
     template: str = setting(
-        "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap",
+        DEFAULT_TEMPLATE,
         check=_pcap_template,
         help="per_stream file name under dir; fields start, end, client_ip, client_port, "
         "server_ip, server_port, stream_id, community_id, close_reason, interface, ip_version.",
@@ -260,16 +234,16 @@ class PcapSink(Sink):
         state_dir: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        o = _options(options or {})
-        super().__init__(name, o, interface=interface, state_dir=state_dir)
-        self.dir: str = os.fspath(o["dir"])
-        self.mode: str = o["mode"]
-        self.template: str = o["template"]
-        self.rotate_bytes: int = o["rotate_bytes"] or 0
-        self.rotate_seconds: float = o["rotate_seconds"] or 0
-        self.max_open_files: int = o["max_open_files"]
-        self.nanosecond: bool = bool(o["nanosecond"])
-        self.snaplen: int = o["snaplen"]
+        o: PcapOptions = self.parse_options(options)
+        super().__init__(name, dataclasses.asdict(o), interface=interface, state_dir=state_dir)
+        self.dir: str = o.dir
+        self.mode: str = o.mode
+        self.template: str = o.template
+        self.rotate_bytes: int = o.rotate_bytes
+        self.rotate_seconds: float = o.rotate_seconds
+        self.max_open_files: int = o.max_open_files
+        self.nanosecond: bool = o.nanosecond
+        self.snaplen: int = o.snaplen
         self._magic = PCAP_MAGIC_NS if self.nanosecond else PCAP_MAGIC_US
         self._clock = clock
         # path -> [fd, size, linktype]; most recently used last

@@ -277,9 +277,9 @@ def test_cli_regular_file_as_dir_exits_1_with_one_line(tmp_path, capsys):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="gaps must be one of skip, zero"):
+    with pytest.raises(cfgmod.ConfigError, match="gaps: expected one of skip, zero, got 'fill'"):
         FilesSink("files", {"dir": "x", "gaps": "fill"})
-    with pytest.raises(ValueError, match="unknown files sink option"):
+    with pytest.raises(cfgmod.ConfigError, match="unknown key 'bins' for sink type files"):
         FilesSink("files", {"dir": "x", "bins": "k"})
     with pytest.raises(cfgmod.ConfigError, match="subdirs"):
         cfgmod.loads("sinks: [{type: files, dir: /tmp/x, subdirs: weekly}]", sink_types=SINKS)

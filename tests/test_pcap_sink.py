@@ -177,15 +177,18 @@ def test_ipv6_and_template_names_are_safe(tmp_path):
 def test_bad_templates_are_refused(tmp_path, tpl):
     with pytest.raises(ValueError):
         check_template(tpl)
-    with pytest.raises(ValueError):
+    with pytest.raises(cfgmod.ConfigError, match=r"^template: .*pcap template"):
         PcapSink("pcap", {"dir": str(tmp_path), "template": tpl})
 
 
 def test_unknown_option_and_missing_dir_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown pcap sink option"):
+    with pytest.raises(cfgmod.ConfigError,
+                       match=r"unknown key 'rotate' for sink type pcap \(did you mean"):
         PcapSink("pcap", {"dir": str(tmp_path), "rotate": 1})
-    with pytest.raises(ValueError, match="dir"):
+    with pytest.raises(cfgmod.ConfigError, match="missing required key 'dir' for sink type pcap"):
         PcapSink("pcap", {})
+    with pytest.raises(cfgmod.ConfigError, match="max_open_files: must be greater than 0"):
+        PcapSink("pcap", {"dir": str(tmp_path), "max_open_files": 0})
 
 
 def test_nanosecond_files(tmp_path):
