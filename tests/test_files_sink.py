@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conformance import load_expected
 from pcapbuild import Conversation, PcapWriter
+from sinkrun import write_batches
 
 import streamtap
 from streamtap import config as cfgmod
@@ -38,12 +39,7 @@ def stream(client=("10.0.0.1", 40000), server=("10.0.0.2", 80), cdata=b"GET /", 
 
 def run(d: Path, streams: list[Stream], **options) -> FilesSink:
     sink = FilesSink("files", {"dir": str(d), **options})
-    sink.open()
-    try:
-        res = sink.write(streams)
-        assert res.status == OK, res
-    finally:
-        sink.close()
+    write_batches(sink, streams)
     return sink
 
 
