@@ -64,6 +64,7 @@ from typing import Any, Literal
 from streamtap.config.schema import setting
 from streamtap.engine.stream import Stream, to_record
 from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.fileio import undo_writes, write_all
 
 INDEX_NAME = "streams.jsonl"
 SUBDIRS = {"none": "", "day": "%Y%m%d/", "hour": "%Y%m%d/%H/"}
@@ -200,7 +201,7 @@ class FilesSink(Sink):
             for s in batch:
                 lines.append(self._write_stream(s, undo))
             data = b"".join(lines)
-            _write_all(self._index_fd, data)  # type: ignore[arg-type]
+            write_all(self._index_fd, data)  # type: ignore[arg-type]
             self._index_size += len(data)
         except OSError as exc:
             self._rollback(undo, index_start)
@@ -302,21 +303,14 @@ class FilesSink(Sink):
                 size += chunk
                 os.ftruncate(fd, size)
             else:
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
                 size += len(chunk)
                 self.bytes_written += len(chunk)
         return size
 
     def _rollback(self, undo: list[tuple[str, int]], index_size: int) -> None:
         """Undo a failed batch: remove the files it created, truncate the rest and the index."""
-        for path, size in reversed(undo):
-            try:
-                if size < 0:
-                    os.unlink(path)
-                else:
-                    os.truncate(path, size)
-            except OSError:
-                pass
+        undo_writes(undo)
         self._next.clear()  # names freed by the unlinks must be found again
         fd = self._index_fd
         if fd is not None:
@@ -331,10 +325,3 @@ class FilesSink(Sink):
             except OSError:
                 pass
         self._index_size = index_size
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    write = os.write
-    while view:
-        view = view[write(fd, view):]

@@ -51,11 +51,11 @@ from typing import Any, Literal
 from streamtap.config.schema import setting
 from streamtap.engine.stream import Stream, to_json_chunks
 from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.fileio import writev_all
 
 MIB = 1024**2
 
 _STAMP = "%Y%m%dT%H%M%SZ"
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,9 @@ class JsonlSink(Sink):
         start = self._size
         try:
             for chunk in chunks:
-                self._write_all(chunk)
+                n = writev_all(self._fd, chunk)  # type: ignore[arg-type]
+                self._size += n
+                self.bytes_written += n
                 if self.fsync == "always" and self._regular:
                     os.fsync(self._fd)  # type: ignore[arg-type]
             if self.fsync == "batch" and self._regular:
@@ -238,31 +240,6 @@ class JsonlSink(Sink):
         self.records += n
         self.bytes_written += len(data)
         return Result.ok()
-
-    def _write_all(self, bufs: list[bytes]) -> None:
-        """os.writev in IOV_MAX slices; a short write finishes the cut buffer with os.write."""
-        fd = self._fd
-        assert fd is not None
-        writev, write = os.writev, os.write
-        for i in range(0, len(bufs), _IOV_MAX):
-            part = bufs[i:i + _IOV_MAX]
-            want = sum(map(len, part))
-            n = writev(fd, part)
-            self._size += n
-            self.bytes_written += n
-            if n == want:
-                continue
-            for b in part:  # short write: skip what went out, finish the rest
-                if n >= len(b):
-                    n -= len(b)
-                    continue
-                view = memoryview(b)[n:]
-                n = 0
-                while view:
-                    k = write(fd, view)
-                    view = view[k:]
-                    self._size += k
-                    self.bytes_written += k
 
     def _undo(self, size: int) -> None:
         """Cut a failed batch off the file so that the retry starts on a line boundary."""

@@ -79,6 +79,7 @@ from streamtap.config.schema import ConfigError, setting
 from streamtap.engine.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
 from streamtap.engine.stream import Stream
 from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.fileio import undo_writes, write_all, writev_all
 
 # pcap file format (https://www.tcpdump.org/manpages/pcap-savefile.5.html)
 PCAP_VERSION_MAJOR = 2
@@ -300,7 +301,7 @@ class PcapSink(Sink):
                 except _Incompatible as exc:
                     problems.append(str(exc))
                     continue
-                _writev_all(entry[0], data)
+                writev_all(entry[0], data)
                 entry[1] += nbytes
                 self.bytes_written += nbytes
                 self.streams += 1
@@ -426,7 +427,7 @@ class PcapSink(Sink):
                 undo.append((path, -1 if created else size))
             if not size:
                 header = file_header(linktype, self.nanosecond, self.snaplen)
-                _write_all(fd, header)
+                write_all(fd, header)
                 size = len(header)
                 self.files_created += 1
         except BaseException:
@@ -446,39 +447,6 @@ class PcapSink(Sink):
         """Undo a failed batch: truncate or delete what it wrote, close every file."""
         for path, _e in list(self._lru.items()):
             self._close_path(path)
-        for path, size in reversed(undo):
-            try:
-                if size < 0:
-                    os.unlink(path)
-                else:
-                    os.truncate(path, size)
-            except OSError:
-                pass
+        undo_writes(undo)
         if self._current is not None and not os.path.lexists(self._current):
             self._current = None
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    write = os.write
-    while view:
-        view = view[write(fd, view):]
-
-
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
-
-
-def _writev_all(fd: int, bufs: list[bytes]) -> None:
-    """os.writev in IOV_MAX slices; a short write finishes the cut buffer with os.write."""
-    writev = os.writev
-    for i in range(0, len(bufs), _IOV_MAX):
-        part = bufs[i:i + _IOV_MAX]
-        n = writev(fd, part)
-        if n == sum(map(len, part)):
-            continue
-        for b in part:
-            if n >= len(b):
-                n -= len(b)
-                continue
-            _write_all(fd, memoryview(b)[n:])
-            n = 0
