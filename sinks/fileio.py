@@ -56,3 +56,22 @@ def undo_writes(undo: Iterable[tuple[str, int]]) -> None:
                 os.truncate(path, size)
         except OSError:
             pass
+
+
+class MadeDirs:
+    """The directories a sink has made or found: os.makedirs once per directory, not once per
+    file. Forgotten all at once past 4096, so a template making a directory per day or per
+    host does not grow it without end."""
+
+    limit = 4096
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()
+
+    def ensure(self, path: str) -> None:
+        """Make `path` and its parents unless already known. Raises OSError."""
+        if path not in self._known:
+            os.makedirs(path, exist_ok=True)
+            if len(self._known) > self.limit:
+                self._known.clear()
+            self._known.add(path)

@@ -64,7 +64,7 @@ from typing import Any, Literal
 from streamtap.config.schema import setting
 from streamtap.engine.stream import Stream, to_record
 from streamtap.sinks.base import Result, Sink
-from streamtap.sinks.fileio import undo_writes, write_all
+from streamtap.sinks.fileio import MadeDirs, undo_writes, write_all
 
 INDEX_NAME = "streams.jsonl"
 SUBDIRS = {"none": "", "day": "%Y%m%d/", "hour": "%Y%m%d/%H/"}
@@ -154,7 +154,7 @@ class FilesSink(Sink):
         self.index_path = os.path.join(self.dir, INDEX_NAME)
         self._index_fd: int | None = None
         self._index_size = 0
-        self._dirs: set[str] = set()
+        self._dirs = MadeDirs()
         self._next: dict[str, int] = {}  # base name (relative) -> first cN worth trying
         # stream.id -> (source file, destination file), relative to dir, while more parts come
         self._ongoing: dict[str, tuple[str | None, str | None]] = {}
@@ -277,11 +277,8 @@ class FilesSink(Sink):
     def _create(self, base: str) -> tuple[str, int]:
         """Create the first free name of `base`, `base`c1, `base`c2 … (O_EXCL, as tcpflow)."""
         parent = os.path.dirname(base)
-        if parent and parent not in self._dirs:
-            os.makedirs(os.path.join(self.dir, parent), exist_ok=True)
-            if len(self._dirs) > 4096:
-                self._dirs.clear()
-            self._dirs.add(parent)
+        if parent:
+            self._dirs.ensure(os.path.join(self.dir, parent))
         n = self._next.get(base, 0)
         while True:
             rel = f"{base}c{n}" if n else base

@@ -79,7 +79,7 @@ from streamtap.config.schema import ConfigError, setting
 from streamtap.engine.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
 from streamtap.engine.stream import Stream
 from streamtap.sinks.base import Result, Sink
-from streamtap.sinks.fileio import undo_writes, write_all, writev_all
+from streamtap.sinks.fileio import MadeDirs, undo_writes, write_all, writev_all
 
 # pcap file format (https://www.tcpdump.org/manpages/pcap-savefile.5.html)
 PCAP_VERSION_MAJOR = 2
@@ -249,7 +249,7 @@ class PcapSink(Sink):
         self._clock = clock
         # path -> [fd, size, linktype]; most recently used last
         self._lru: OrderedDict[str, list[int]] = OrderedDict()
-        self._dirs: set[str] = set()
+        self._dirs = MadeDirs()
         self._current: str | None = None  # rotating mode: the live file
         self._current_opened = 0.0
         # counters for health() and tests
@@ -402,12 +402,7 @@ class PcapSink(Sink):
             _old, (fd, _s, _l) = lru.popitem(last=False)
             self.evictions += 1
             os.close(fd)
-        parent = os.path.dirname(path)
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            if len(self._dirs) > 4096:
-                self._dirs.clear()
-            self._dirs.add(parent)
+        self._dirs.ensure(os.path.dirname(path))
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         created = not os.path.lexists(path)
         fd = os.open(path, flags, 0o640)
