@@ -36,3 +36,20 @@ def machine_figures() -> dict:
 
 def machine_line() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, Linux {platform.release()}"
+
+
+def results_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Aligned text lines of a results table: the first and sixth columns left-aligned, the
+    others right-aligned, a dashed rule under the head. A row shorter than `head` (a name and
+    an error) is written as it is after the name column and does not widen the others."""
+    full = [row for row in rows if len(row) == len(head)]
+    widths = [max([len(head[i])] + [len(row[i]) for row in (rows if i == 0 else full)])
+              for i in range(len(head))]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 5) else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*head).rstrip(), "  ".join("-" * w for w in widths)]
+    for row in rows:
+        if len(row) != len(head):
+            lines.append(f"{row[0]:<{widths[0]}}  {'  '.join(row[1:])}")
+        else:
+            lines.append(fmt.format(*row).rstrip())
+    return lines

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import machine  # bench/machine.py: the scripts run from bench/
+from machine import results_table
 
 HERE = Path(__file__).resolve().parent
 TMPFS = "/dev/shm"
@@ -422,7 +423,7 @@ def format_report(machine: dict, capture: dict, results: list[Result], repeat: i
     rows = []
     for r in results:
         if r.error:
-            rows.append((r.tool, f"n/a (error: {r.error})", "", "", "", ""))
+            rows.append((r.tool, f"n/a (error: {r.error})"))
             continue
         out = f"{r.output:,} {r.output_kind}" if r.output is not None else "?"
         if r.inner_s is not None:
@@ -435,17 +436,7 @@ def format_report(machine: dict, capture: dict, results: list[Result], repeat: i
             f"{r.peak_rss_mib:.1f}",
             out,
         ))
-    ok = [row for row in rows if not row[1].startswith("n/a")]
-    widths = [max([len(head[i])] + [len(row[i]) for row in (rows if i == 0 else ok)])
-              for i in range(len(head))]
-    fmt = "  ".join(f"{{:{'<' if i in (0, 5) else '>'}{w}}}" for i, w in enumerate(widths))
-    lines.append(fmt.format(*head).rstrip())
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        if row[1].startswith("n/a"):
-            lines.append(f"{row[0]:<{widths[0]}}  {row[1]}")
-        else:
-            lines.append(fmt.format(*row).rstrip())
+    lines += results_table(head, rows)
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import machine  # bench/machine.py: the scripts run from bench/
+from machine import results_table
 
 import streamtap
 import streamtap.config
@@ -95,6 +96,16 @@ def write_all(sink: Sink, streams: Sequence[Stream]) -> None:
             raise RuntimeError(f"{sink.type} sink: write returned {r.status}: {r.error}")
 
 
+def timed_run(sink: Sink, streams: Sequence[Stream]) -> float:
+    """Seconds to open `sink`, write `streams` in batches, flush and close it."""
+    t0 = time.perf_counter()
+    sink.open()
+    write_all(sink, streams)
+    sink.flush()
+    sink.close()
+    return time.perf_counter() - t0
+
+
 def fresh_dir(base: str) -> str:
     return tempfile.mkdtemp(prefix="streamtap-bench-sinks-", dir=base)
 
@@ -108,12 +119,7 @@ def bench_jsonl(streams: list[Stream], repeat: int) -> Result:
         try:
             path = os.path.join(d, "out.jsonl")
             sink = sink_from_yaml(f"{{type: jsonl, path: {path}}}")
-            t0 = time.perf_counter()
-            sink.open()
-            write_all(sink, streams)
-            sink.flush()
-            sink.close()
-            res.runs.append(time.perf_counter() - t0)
+            res.runs.append(timed_run(sink, streams))
             res.bytes = os.path.getsize(path)
             lines = sum(1 for _ in open(path, "rb"))  # noqa: SIM115
             if lines != len(streams):
@@ -130,12 +136,7 @@ def bench_pcap(streams: list[Stream], repeat: int, mode: str) -> Result:
         try:
             out = os.path.join(d, "pcap")
             sink = sink_from_yaml(f"{{type: pcap, dir: {out}, mode: {mode}}}")
-            t0 = time.perf_counter()
-            sink.open()
-            write_all(sink, streams)
-            sink.flush()
-            sink.close()
-            res.runs.append(time.perf_counter() - t0)
+            res.runs.append(timed_run(sink, streams))
             res.bytes = tree_bytes(out)
             nfiles = tree_files(out)
             res.note = f"{nfiles:,} file{'s' if nfiles != 1 else ''}"
@@ -272,17 +273,7 @@ def format_report(machine: dict, capture: dict, results: list[Result], repeat: i
             continue
         rows.append((r.sink, f"{r.records:,} {r.unit}", f"{r.seconds:.3f}",
                      f"{r.records_per_s:,.0f}", f"{r.mb_per_s:,.1f}", r.note))
-    full = [row for row in rows if len(row) == len(head)]
-    widths = [max([len(head[i])] + [len(row[i]) for row in (rows if i == 0 else full)])
-              for i in range(len(head))]
-    fmt = "  ".join(f"{{:{'<' if i in (0, 5) else '>'}{w}}}" for i, w in enumerate(widths))
-    lines.append(fmt.format(*head).rstrip())
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        if len(row) != len(head):
-            lines.append(f"{row[0]:<{widths[0]}}  {row[1]}")
-        else:
-            lines.append(fmt.format(*row).rstrip())
+    lines += results_table(head, rows)
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import pstats
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # The engine, in one place: when the modules move (issue 9), only these lines change.
@@ -77,13 +77,19 @@ class Pipeline:
             n += len(meta) // 16
         return n
 
-    def table(self) -> list:
-        t = FlowTable(self.limits)
+    def decoded_batches(self) -> Iterator[tuple[int, Callable, bytes, bytes]]:
+        """(linktype, its decoder's decode, data, meta) per batch read; one decoder per link
+        type, as the reassembler keeps them."""
         decs: dict[int, Callable] = {}
         for lt, data, meta in read([self.pcap]):
             dec = decs.get(lt)
             if dec is None:
                 dec = decs[lt] = self.decoder(lt).decode
+            yield lt, dec, data, meta
+
+    def table(self) -> list:
+        t = FlowTable(self.limits)
+        for lt, dec, data, meta in self.decoded_batches():
             t.linktype = lt
             t.feed(dec, data, meta)
         t.flush("shutdown")
@@ -93,11 +99,7 @@ class Pipeline:
 def _decode(p: Pipeline) -> Callable[[], int]:
     def run() -> int:
         n = 0
-        decs: dict[int, Callable] = {}
-        for lt, data, meta in read([p.pcap]):
-            dec = decs.get(lt)
-            if dec is None:
-                dec = decs[lt] = p.decoder(lt).decode
+        for _lt, dec, data, meta in p.decoded_batches():
             for sec, usec, off, caplen in META.iter_unpack(meta):
                 if dec(data, off, off + caplen, sec + usec * 1e-6) is not None:
                     n += 1
@@ -109,11 +111,7 @@ def _lookup(p: Pipeline) -> Callable[[], int]:
     def run() -> int:
         flows: dict[tuple, int] = {}
         get = flows.get
-        decs: dict[int, Callable] = {}
-        for lt, data, meta in read([p.pcap]):
-            dec = decs.get(lt)
-            if dec is None:
-                dec = decs[lt] = p.decoder(lt).decode
+        for _lt, dec, data, meta in p.decoded_batches():
             for sec, usec, off, caplen in META.iter_unpack(meta):
                 d = dec(data, off, off + caplen, sec + usec * 1e-6)
                 if d is None:

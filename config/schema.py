@@ -451,16 +451,30 @@ class SinkType:
             if self.check is not None:
                 self.check(result, key_path)
             return result
-        obj = build(
-            self.options_class,
-            options,
-            key_path,
-            where=f"for sink type {self.name}",
-            extra_known=("type", "name"),
-        )
-        if self.check is not None:
-            self.check(obj, key_path)
+        obj = check_options(self.options_class, options, f"for sink type {self.name}",
+                            path=key_path, check=self.check, extra_known=("type", "name"))
         return dataclasses.asdict(obj)
+
+
+def check_options(
+    options_class: type,
+    options: Mapping[str, Any] | None,
+    where: str,
+    *,
+    path: str = "",
+    check: Callable[[Any, str], None] | None = None,
+    extra_known: tuple[str, ...] = (),
+) -> Any:
+    """An ``options_class`` instance from the mapping ``options``: the one check of a sink's
+    options, for a config entry and a sink constructed directly alike. Unknown keys, types,
+    enums, units and ranges are checked from the :func:`setting` fields, missing keys take
+    their defaults, then ``check(obj, path)`` states the rules spanning several keys. ``where``
+    names the owner in messages (``for sink type jsonl``); ``path`` is the key path of the
+    mapping (``sinks[0]``; "" for a sink constructed directly). Raises :class:`ConfigError`."""
+    obj = build(options_class, options, path, where=where, extra_known=extra_known)
+    if check is not None:
+        check(obj, path)
+    return obj
 
 
 class SinkTypes(Protocol):

@@ -8,10 +8,11 @@ A sink module exposes a class implementing `Sink`, registered by type name (buil
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streamtap.config.schema import check_options
 from streamtap.engine.stream import Stream
 from streamtap.errors import Error
 
@@ -96,6 +97,16 @@ class Sink:
         self.options = options
         self.interface = interface
         self.state_dir = state_dir
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any] | None) -> Any:
+        """`options` as an `options_class` instance, defaults filled in, checked by the same
+        code as a config entry (`streamtap.config.schema.check_options`: unknown keys, types,
+        enums, units, ranges, then `options_check`). For a sink constructed directly (tests,
+        library users); raises `streamtap.config.ConfigError`."""
+        assert cls.options_class is not None, f"{cls.__name__} declares no options_class"
+        return check_options(cls.options_class, options, f"for sink type {cls.type}",
+                             check=cls.options_check)
 
     def open(self) -> None:
         """Acquire resources (files, connections). May raise OSError or `SinkError` (with the

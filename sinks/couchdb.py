@@ -41,13 +41,14 @@ header and never appear in `health()`, logs or error texts.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -66,17 +67,6 @@ __all__ = ["CouchdbError", "CouchdbSink", "encode_doc", "make_doc", "redact_url"
 log = logging.getLogger(__name__)
 
 MIB = 1024**2
-
-DEFAULTS: dict[str, Any] = {
-    "url": "http://127.0.0.1:5984",
-    "database": None,  # None: the URL's last path segment, else COUCHDB_DEFAULT_DATABASE
-    "username": None,
-    "password": None,
-    "timeout": 30.0,
-    "max_attachment": 1 * MIB,
-    "batch_docs": 500,
-    "batch_bytes": 4 * MIB,
-}
 
 ENV_USER = "STREAMTAP_COUCHDB_USER"
 ENV_PASSWORD = "STREAMTAP_COUCHDB_PASSWORD"
@@ -328,10 +318,10 @@ def _couchdb_url_database(options: CouchdbOptions, key_path: str) -> None:
 class CouchdbSink(Sink):
     """Stores streams in a CouchDB database (see the module docstring).
 
-    Options (defaults in `DEFAULTS`): `url`, `database`, `username`, `password`, `timeout`
-    (seconds, connect and read), `max_attachment` (bytes per direction, 0 = unlimited),
-    `batch_docs` / `batch_bytes` (one `_bulk_docs` request carries at most this many documents /
-    about this many bytes; a bigger batch is split here).
+    Options (declared with their defaults in `CouchdbOptions`): `url`, `database`, `username`,
+    `password`, `timeout` (seconds, connect and read), `max_attachment` (bytes per direction,
+    0 = unlimited), `batch_docs` / `batch_bytes` (one `_bulk_docs` request carries at most this
+    many documents / about this many bytes; a bigger batch is split here).
     """
 
     type = "couchdb"
@@ -340,22 +330,22 @@ class CouchdbSink(Sink):
     spec_key = "url"
 
     def __init__(
-        self, name: str, options: dict[str, Any], *, interface: str | None = None,
+        self, name: str, options: Mapping[str, Any], *, interface: str | None = None,
         state_dir: str | None = None,
     ) -> None:
-        super().__init__(name, options, interface=interface, state_dir=state_dir)
-        opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-        self.url = str(opts["url"])
-        self.timeout = float(opts["timeout"])
-        self.max_attachment = int(opts["max_attachment"]) or None
-        self.batch_docs = max(1, int(opts["batch_docs"]))
-        self.batch_bytes = max(1, int(opts["batch_bytes"]))
+        o: CouchdbOptions = self.parse_options(options)
+        super().__init__(name, dataclasses.asdict(o), interface=interface, state_dir=state_dir)
+        self.url = o.url
+        self.timeout = o.timeout
+        self.max_attachment = o.max_attachment or None
+        self.batch_docs = o.batch_docs
+        self.batch_bytes = o.batch_bytes
 
         self._origin, url_user, url_password = _split_url(self.url)
-        base_path, database = couchdb_location(self.url, opts["database"])
+        base_path, database = couchdb_location(self.url, o.database)
         self.database = database or COUCHDB_DEFAULT_DATABASE
-        user = opts["username"] or url_user or os.environ.get(ENV_USER) or None
-        password = opts["password"] or url_password or os.environ.get(ENV_PASSWORD) or None
+        user = o.username or url_user or os.environ.get(ENV_USER) or None
+        password = o.password or url_password or os.environ.get(ENV_PASSWORD) or None
         self._secrets = [x for x in (password, user) if x]
         self._db_path = f"{base_path}/{quote(self.database, safe='')}"
         # where errors say they went: the database's URL, credentials left out

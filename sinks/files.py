@@ -16,7 +16,8 @@ name is found. So a later connection on a reused 4-tuple gets the next suffix, a
 (or a second run into the same DIR) never overwrites an earlier run's files: its files continue
 the numbering. Each direction is numbered on its own, as tcpflow does.
 
-Options (config ``sinks: [{type: files, ...}]``, ``--sink files:DIR``; defaults in ``DEFAULTS``):
+Options (config ``sinks: [{type: files, ...}]``, ``--sink files:DIR``; declared with their
+defaults in ``FilesOptions``):
 
 - ``dir`` (required): where files go (created if missing).
 - ``gaps``: ``skip`` (default: the direction's bytes, holes left out, as every other sink) or
@@ -49,6 +50,7 @@ Files are created with mode 0640 (umask applies): they hold captured traffic.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -62,17 +64,11 @@ from typing import Any, Literal
 from streamtap.config.schema import setting
 from streamtap.engine.stream import Stream, to_record
 from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.fileio import MadeDirs, undo_writes, write_all
 
 INDEX_NAME = "streams.jsonl"
-GAP_MODES = ("skip", "zero")
 SUBDIRS = {"none": "", "day": "%Y%m%d/", "hour": "%Y%m%d/%H/"}
 PART = "part"  # tcp.close_reason of every part of a stream but the last
-
-DEFAULTS: dict[str, Any] = {
-    "dir": None,
-    "gaps": "skip",
-    "subdirs": "none",
-}
 
 # Names already tried per base name: the next cN to try, so a tuple reused thousands of times
 # costs one open per new file, not one per earlier connection. Cleared past this size.
@@ -98,21 +94,6 @@ def flow_name(src: tuple[str, int], dst: tuple[str, int], counter: int = 0) -> s
     """tcpflow's file name for the bytes `src` sent to `dst` (`counter` > 0 appends cN)."""
     name = f"{address(src[0])}.{src[1]:05d}-{address(dst[0])}.{dst[1]:05d}"
     return f"{name}c{counter}" if counter else name
-
-
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown files sink option(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
-    if not o["dir"]:
-        raise ValueError("the files sink needs a dir")
-    if o["gaps"] not in GAP_MODES:
-        raise ValueError(f"gaps must be one of {', '.join(GAP_MODES)}, got {o['gaps']!r}")
-    if o["subdirs"] not in SUBDIRS:
-        raise ValueError(f"subdirs must be one of {', '.join(SUBDIRS)}, got {o['subdirs']!r}")
-    return o
 
 
 @dataclass(frozen=True)
@@ -164,16 +145,16 @@ class FilesSink(Sink):
         interface: str | None = None,
         state_dir: str | None = None,
     ) -> None:
-        o = _options(options or {})
-        super().__init__(name, o, interface=interface, state_dir=state_dir)
-        self.dir: str = os.fspath(o["dir"])
-        self.zero_fill: bool = o["gaps"] == "zero"
-        self.subdirs: str = o["subdirs"]
+        o: FilesOptions = self.parse_options(options)
+        super().__init__(name, dataclasses.asdict(o), interface=interface, state_dir=state_dir)
+        self.dir: str = o.dir
+        self.zero_fill: bool = o.gaps == "zero"
+        self.subdirs: str = o.subdirs
         self._subdir_format = SUBDIRS[self.subdirs]
         self.index_path = os.path.join(self.dir, INDEX_NAME)
         self._index_fd: int | None = None
         self._index_size = 0
-        self._dirs: set[str] = set()
+        self._dirs = MadeDirs()
         self._next: dict[str, int] = {}  # base name (relative) -> first cN worth trying
         # stream.id -> (source file, destination file), relative to dir, while more parts come
         self._ongoing: dict[str, tuple[str | None, str | None]] = {}
@@ -220,7 +201,7 @@ class FilesSink(Sink):
             for s in batch:
                 lines.append(self._write_stream(s, undo))
             data = b"".join(lines)
-            _write_all(self._index_fd, data)  # type: ignore[arg-type]
+            write_all(self._index_fd, data)  # type: ignore[arg-type]
             self._index_size += len(data)
         except OSError as exc:
             self._rollback(undo, index_start)
@@ -296,11 +277,8 @@ class FilesSink(Sink):
     def _create(self, base: str) -> tuple[str, int]:
         """Create the first free name of `base`, `base`c1, `base`c2 … (O_EXCL, as tcpflow)."""
         parent = os.path.dirname(base)
-        if parent and parent not in self._dirs:
-            os.makedirs(os.path.join(self.dir, parent), exist_ok=True)
-            if len(self._dirs) > 4096:
-                self._dirs.clear()
-            self._dirs.add(parent)
+        if parent:
+            self._dirs.ensure(os.path.join(self.dir, parent))
         n = self._next.get(base, 0)
         while True:
             rel = f"{base}c{n}" if n else base
@@ -322,21 +300,14 @@ class FilesSink(Sink):
                 size += chunk
                 os.ftruncate(fd, size)
             else:
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
                 size += len(chunk)
                 self.bytes_written += len(chunk)
         return size
 
     def _rollback(self, undo: list[tuple[str, int]], index_size: int) -> None:
         """Undo a failed batch: remove the files it created, truncate the rest and the index."""
-        for path, size in reversed(undo):
-            try:
-                if size < 0:
-                    os.unlink(path)
-                else:
-                    os.truncate(path, size)
-            except OSError:
-                pass
+        undo_writes(undo)
         self._next.clear()  # names freed by the unlinks must be found again
         fd = self._index_fd
         if fd is not None:
@@ -351,10 +322,3 @@ class FilesSink(Sink):
             except OSError:
                 pass
         self._index_size = index_size
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    write = os.write
-    while view:
-        view = view[write(fd, view):]

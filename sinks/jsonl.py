@@ -1,7 +1,7 @@
 """JSON Lines sink: one stream record per line (`streamtap.engine.stream.to_json_chunks`), to a file
 or stdout.
 
-Options (config `sinks: [{type: jsonl, ...}]`, defaults in `DEFAULTS`):
+Options (config `sinks: [{type: jsonl, ...}]`, declared with their defaults in `JsonlOptions`):
 
 - ``path``: output file; ``"-"`` = stdout.
 - ``payload_encoding``: base64 | hex | utf8 (lossy) | none.
@@ -31,11 +31,13 @@ open() or write(). A broken pipe on stdout is ``Result.fatal``; a record that ca
 encoded is ``Result.fatal``.
 
 Construction: ``JsonlSink(name, options, *, interface=None, state_dir=None)`` (the sink
-contract); options missing from ``options`` take their defaults.
+contract); options missing from ``options`` take their defaults, and bad ones raise
+``streamtap.config.ConfigError``, checked as a config entry is (`Sink.parse_options`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
@@ -47,46 +49,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from streamtap.config.schema import setting
-from streamtap.engine.stream import PAYLOAD_ENCODINGS, Stream, to_json_chunks
+from streamtap.engine.stream import Stream, to_json_chunks
 from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.fileio import writev_all
 
 MIB = 1024**2
 
-FSYNC_POLICIES = ("never", "batch", "always")
-
-DEFAULTS: dict[str, Any] = {
-    "path": "-",
-    "payload_encoding": "base64",
-    "max_payload": 1 * MIB,
-    "rotate_bytes": 0,
-    "rotate_seconds": 0,
-    "compress_rotated": False,
-    "fsync": "never",
-}
-
 _STAMP = "%Y%m%dT%H%M%SZ"
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
-
-
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` over `DEFAULTS`, checked (the config layer validates too; tests and library
-    users may construct the sink directly)."""
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown jsonl sink option(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
-    if o["payload_encoding"] not in PAYLOAD_ENCODINGS:
-        raise ValueError(f"payload_encoding must be one of {', '.join(PAYLOAD_ENCODINGS)}, "
-                         f"got {o['payload_encoding']!r}")
-    if o["fsync"] not in FSYNC_POLICIES:
-        raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, got {o['fsync']!r}")
-    for key in ("max_payload", "rotate_bytes", "rotate_seconds"):
-        if o[key] is None:
-            o[key] = 0
-        if o[key] < 0:
-            raise ValueError(f"{key} must not be negative, got {o[key]!r}")
-    return o
 
 
 @dataclass(frozen=True)
@@ -131,16 +100,15 @@ class JsonlSink(Sink):
         state_dir: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        opts = dict(options or {})
-        o = _options(opts)
-        super().__init__(name, o, interface=interface, state_dir=state_dir)
-        self.path: str = o["path"]
-        self.payload_encoding: str = o["payload_encoding"]
-        self.max_payload: int | None = o["max_payload"] or None
-        self.rotate_bytes: int = o["rotate_bytes"]
-        self.rotate_seconds: float = o["rotate_seconds"]
-        self.compress_rotated: bool = o["compress_rotated"]
-        self.fsync: str = o["fsync"]
+        o: JsonlOptions = self.parse_options(options)
+        super().__init__(name, dataclasses.asdict(o), interface=interface, state_dir=state_dir)
+        self.path: str = o.path
+        self.payload_encoding: str = o.payload_encoding
+        self.max_payload: int | None = o.max_payload or None
+        self.rotate_bytes: int = o.rotate_bytes
+        self.rotate_seconds: float = o.rotate_seconds
+        self.compress_rotated: bool = o.compress_rotated
+        self.fsync: str = o.fsync
         self._clock = clock
         self._fd: int | None = None
         self._regular = False  # a regular file: rotation, truncation on error and fsync apply
@@ -205,7 +173,9 @@ class JsonlSink(Sink):
         start = self._size
         try:
             for chunk in chunks:
-                self._write_all(chunk)
+                n = writev_all(self._fd, chunk)  # type: ignore[arg-type]
+                self._size += n
+                self.bytes_written += n
                 if self.fsync == "always" and self._regular:
                     os.fsync(self._fd)  # type: ignore[arg-type]
             if self.fsync == "batch" and self._regular:
@@ -270,31 +240,6 @@ class JsonlSink(Sink):
         self.records += n
         self.bytes_written += len(data)
         return Result.ok()
-
-    def _write_all(self, bufs: list[bytes]) -> None:
-        """os.writev in IOV_MAX slices; a short write finishes the cut buffer with os.write."""
-        fd = self._fd
-        assert fd is not None
-        writev, write = os.writev, os.write
-        for i in range(0, len(bufs), _IOV_MAX):
-            part = bufs[i:i + _IOV_MAX]
-            want = sum(map(len, part))
-            n = writev(fd, part)
-            self._size += n
-            self.bytes_written += n
-            if n == want:
-                continue
-            for b in part:  # short write: skip what went out, finish the rest
-                if n >= len(b):
-                    n -= len(b)
-                    continue
-                view = memoryview(b)[n:]
-                n = 0
-                while view:
-                    k = write(fd, view)
-                    view = view[k:]
-                    self._size += k
-                    self.bytes_written += k
 
     def _undo(self, size: int) -> None:
         """Cut a failed batch off the file so that the retry starts on a line boundary."""

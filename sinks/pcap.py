@@ -3,7 +3,8 @@
 Needs the raw packets: run the reassembler with ``reassembly.keep_packets: true``. A stream
 without them (``Stream.packets is None``) makes write() return ``Result.fatal`` saying so.
 
-Options (config ``sinks: [{type: pcap, ...}]``, defaults in ``DEFAULTS``):
+Options (config ``sinks: [{type: pcap, ...}]``, declared with their defaults in
+``PcapOptions``):
 
 - ``dir`` (required): where files go (created if missing).
 - ``mode``: ``per_stream`` (one file per stream, named by ``template``) or ``rotating`` (every
@@ -61,6 +62,7 @@ the open files and returns ``Result.retry``: a retry never duplicates packets.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import os
@@ -77,6 +79,7 @@ from streamtap.config.schema import ConfigError, setting
 from streamtap.engine.pcapfmt import MAX_SNAPLEN, PCAP_MAGIC_NS, PCAP_MAGIC_US, dlt_to_linktype
 from streamtap.engine.stream import Stream
 from streamtap.sinks.base import Result, Sink
+from streamtap.sinks.fileio import MadeDirs, undo_writes, write_all, writev_all
 
 # pcap file format (https://www.tcpdump.org/manpages/pcap-savefile.5.html)
 PCAP_VERSION_MAJOR = 2
@@ -88,18 +91,6 @@ DEFAULT_TEMPLATE = (
     "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap"
 )
 ROTATING_FORMAT = "streamtap-%Y%m%d-%H%M%S"
-MODES = ("per_stream", "rotating")
-
-DEFAULTS: dict[str, Any] = {
-    "dir": None,
-    "mode": "per_stream",
-    "template": DEFAULT_TEMPLATE,
-    "rotate_bytes": 0,
-    "rotate_seconds": 0,
-    "max_open_files": 256,
-    "nanosecond": False,
-    "snaplen": MAX_SNAPLEN,
-}
 
 TEMPLATE_FIELDS = (
     "start", "end", "client_ip", "client_port", "server_ip", "server_port", "stream_id",
@@ -191,22 +182,6 @@ def check_template(template: str) -> str:
     return template
 
 
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown pcap sink option(s): {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
-    if not o["dir"]:
-        raise ValueError("the pcap sink needs a dir")
-    if o["mode"] not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {o['mode']!r}")
-    if o["max_open_files"] < 1:
-        raise ValueError(f"max_open_files must be at least 1, got {o['max_open_files']}")
-    check_template(o["template"])
-    return o
-
-
 def _pcap_template(value: str, path: str) -> str:
     try:
         check_template(value)
@@ -224,7 +199,7 @@ class PcapOptions:
         "per_stream", help="One file per stream (named by template), or one rotating file."
     )
     template: str = setting(
-        "{start:%Y%m%d}/{client_ip}.{client_port}-{server_ip}.{server_port}-{stream_id}.pcap",
+        DEFAULT_TEMPLATE,
         check=_pcap_template,
         help="per_stream file name under dir; fields start, end, client_ip, client_port, "
         "server_ip, server_port, stream_id, community_id, close_reason, interface, ip_version.",
@@ -260,21 +235,21 @@ class PcapSink(Sink):
         state_dir: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        o = _options(options or {})
-        super().__init__(name, o, interface=interface, state_dir=state_dir)
-        self.dir: str = os.fspath(o["dir"])
-        self.mode: str = o["mode"]
-        self.template: str = o["template"]
-        self.rotate_bytes: int = o["rotate_bytes"] or 0
-        self.rotate_seconds: float = o["rotate_seconds"] or 0
-        self.max_open_files: int = o["max_open_files"]
-        self.nanosecond: bool = bool(o["nanosecond"])
-        self.snaplen: int = o["snaplen"]
+        o: PcapOptions = self.parse_options(options)
+        super().__init__(name, dataclasses.asdict(o), interface=interface, state_dir=state_dir)
+        self.dir: str = o.dir
+        self.mode: str = o.mode
+        self.template: str = o.template
+        self.rotate_bytes: int = o.rotate_bytes
+        self.rotate_seconds: float = o.rotate_seconds
+        self.max_open_files: int = o.max_open_files
+        self.nanosecond: bool = o.nanosecond
+        self.snaplen: int = o.snaplen
         self._magic = PCAP_MAGIC_NS if self.nanosecond else PCAP_MAGIC_US
         self._clock = clock
         # path -> [fd, size, linktype]; most recently used last
         self._lru: OrderedDict[str, list[int]] = OrderedDict()
-        self._dirs: set[str] = set()
+        self._dirs = MadeDirs()
         self._current: str | None = None  # rotating mode: the live file
         self._current_opened = 0.0
         # counters for health() and tests
@@ -326,7 +301,7 @@ class PcapSink(Sink):
                 except _Incompatible as exc:
                     problems.append(str(exc))
                     continue
-                _writev_all(entry[0], data)
+                writev_all(entry[0], data)
                 entry[1] += nbytes
                 self.bytes_written += nbytes
                 self.streams += 1
@@ -427,12 +402,7 @@ class PcapSink(Sink):
             _old, (fd, _s, _l) = lru.popitem(last=False)
             self.evictions += 1
             os.close(fd)
-        parent = os.path.dirname(path)
-        if parent not in self._dirs:
-            os.makedirs(parent, exist_ok=True)
-            if len(self._dirs) > 4096:
-                self._dirs.clear()
-            self._dirs.add(parent)
+        self._dirs.ensure(os.path.dirname(path))
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         created = not os.path.lexists(path)
         fd = os.open(path, flags, 0o640)
@@ -452,7 +422,7 @@ class PcapSink(Sink):
                 undo.append((path, -1 if created else size))
             if not size:
                 header = file_header(linktype, self.nanosecond, self.snaplen)
-                _write_all(fd, header)
+                write_all(fd, header)
                 size = len(header)
                 self.files_created += 1
         except BaseException:
@@ -472,39 +442,6 @@ class PcapSink(Sink):
         """Undo a failed batch: truncate or delete what it wrote, close every file."""
         for path, _e in list(self._lru.items()):
             self._close_path(path)
-        for path, size in reversed(undo):
-            try:
-                if size < 0:
-                    os.unlink(path)
-                else:
-                    os.truncate(path, size)
-            except OSError:
-                pass
+        undo_writes(undo)
         if self._current is not None and not os.path.lexists(self._current):
             self._current = None
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    write = os.write
-    while view:
-        view = view[write(fd, view):]
-
-
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
-
-
-def _writev_all(fd: int, bufs: list[bytes]) -> None:
-    """os.writev in IOV_MAX slices; a short write finishes the cut buffer with os.write."""
-    writev = os.writev
-    for i in range(0, len(bufs), _IOV_MAX):
-        part = bufs[i:i + _IOV_MAX]
-        n = writev(fd, part)
-        if n == sum(map(len, part)):
-            continue
-        for b in part:
-            if n >= len(b):
-                n -= len(b)
-                continue
-            _write_all(fd, memoryview(b)[n:])
-            n = 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import signal
 import socketserver
 import threading
 import time
@@ -22,8 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from couchserver import CouchServer
-from test_sink_outage import EchoServer, connect, start_daemon, status, wait
-from test_sink_outage import stored as _stored
+from daemonrun import EchoServer, LiveRun, connect, status, stop, wait, write_config
+from daemonrun import stored as _stored
 
 
 class SlowProxy:
@@ -91,14 +90,8 @@ class SlowProxy:
         self.server.server_close()
 
 
-def _config(path: Path, port: int, sinks: str, extra: str = "") -> Path:
-    path.write_text(
-        f"capture: {{filter: 'tcp port {port}', shutdown_timeout: 4s}}\n"
-        f"reassembly: {{timeouts: {{fin_linger: 0.5s}}}}\n"
-        f"{extra}"
-        f"sinks:\n{sinks}"
-    )
-    return path
+def _config(path: Path, port: int, sinks: str) -> Path:
+    return write_config(path, port, sinks, shutdown_timeout="4s")
 
 
 def stored(url: str) -> list[dict]:
@@ -120,13 +113,6 @@ def _sink(sock: Path, name: str) -> dict[str, Any]:
     return {}
 
 
-def _stop(d: Any, timeout: float = 30) -> tuple[int, float]:
-    t = time.monotonic()
-    d.send_signal(signal.SIGTERM)
-    code = d.wait(timeout)
-    return code, time.monotonic() - t
-
-
 def _check_docs(docs: list[dict], expected: list[int]) -> dict[str, int]:
     ports = [d["source"]["port"] for d in docs]
     assert all(d["_id"] == d["stream"]["id"] for d in docs)
@@ -141,16 +127,14 @@ def restart_mid_outage(tmp: Path, outage: float = 10.0, conns: int = 10) -> dict
     stopped with SIGTERM halfway through; a second daemon started while CouchDB is still
     down gets traffic (C); CouchDB comes back; more traffic (D). Every stream must be stored
     exactly once."""
-    couch = CouchServer(data_dir=tmp / "couch")
-    echo = EchoServer()
-    cfg = _config(tmp / "cfg.yaml", echo.port, f"  - type: couchdb\n    url: {couch.url}\n")
     sock = tmp / "ctl.sock"
-    procs: list[Any] = []
     out: dict[str, Any] = {"outage_s": outage}
-    try:
+    with LiveRun(tmp) as run:
+        couch = run.closing(CouchServer(data_dir=tmp / "couch"))
+        echo = run.closing(EchoServer())
+        cfg = _config(tmp / "cfg.yaml", echo.port, f"  - type: couchdb\n    url: {couch.url}\n")
         couch.start()
-        d1 = start_daemon(tmp, cfg, 1)
-        procs.append(d1)
+        d1 = run.start(cfg, 1)
         assert wait(lambda: status(sock) is not None, 20), "daemon 1 not up"
         time.sleep(0.5)
         ports = connect(echo.port, conns)  # A
@@ -161,14 +145,13 @@ def restart_mid_outage(tmp: Path, outage: float = 10.0, conns: int = 10) -> dict
         assert wait(lambda: _streams(sock) >= 2 * conns, 20), "B not captured"
         time.sleep(max(0.0, t0 + outage / 2 - time.monotonic()))
         out["daemon1_sink"] = _sink(sock, "couchdb")
-        code, took = _stop(d1)
+        code, took = stop(d1)
         out["daemon1_exit"], out["daemon1_stop_s"] = code, round(took, 2)
         assert code == 0, f"daemon 1 exited {code}"
         out["spool_segments_at_restart"] = len(list(
             (tmp / "state" / "lo" / "spool" / "couchdb").glob("*.seg")))
 
-        d2 = start_daemon(tmp, cfg, 2)
-        procs.append(d2)
+        d2 = run.start(cfg, 2)
         assert wait(lambda: status(sock) is not None, 20), "daemon 2 not up"
         time.sleep(0.5)
         ports += connect(echo.port, conns)  # C, CouchDB still down
@@ -184,18 +167,11 @@ def restart_mid_outage(tmp: Path, outage: float = 10.0, conns: int = 10) -> dict
         out["recovered_after_s"] = round(time.monotonic() - t1, 1)
         time.sleep(1.0)  # anything stored twice would show up now
         out["daemon2_sink"] = _sink(sock, "couchdb")
-        code, took = _stop(d2)
+        code, took = stop(d2)
         out["daemon2_exit"] = code
         out.update(_check_docs(stored(couch.url), ports))
         out["log_retry_lines"] = sum(
             (tmp / f"stderr-{i}.txt").read_text().count("sink couchdb: retry") for i in (1, 2))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-        echo.close()
-        couch.close()
     return out
 
 
@@ -205,23 +181,21 @@ def slow_couchdb(tmp: Path, delay: float = 10.0, rounds: int = 3,
     JSONL records, the capture and /status must keep their pace. Then the daemon is stopped
     (the CouchDB sink is inside a slow request) and a second run against CouchDB directly
     replays the spool: every stream stored exactly once."""
-    couch = CouchServer()
-    echo = EchoServer()
     jsonl = tmp / "out.jsonl"
-    couch.start()
-    proxy = SlowProxy(couch.url, delay)
-    sinks = (f"  - type: couchdb\n    url: {proxy.url}\n"
-             f"  - type: jsonl\n    path: {jsonl}\n")
-    cfg = _config(tmp / "cfg.yaml", echo.port, sinks)
     sock = tmp / "ctl.sock"
-    procs: list[Any] = []
     out: dict[str, Any] = {"delay_s": delay}
     ports: list[int] = []
     lags: list[float] = []
     status_ms: list[float] = []
-    try:
-        d1 = start_daemon(tmp, cfg, 1)
-        procs.append(d1)
+    with LiveRun(tmp) as run:
+        couch = run.closing(CouchServer())
+        echo = run.closing(EchoServer())
+        couch.start()
+        proxy = run.closing(SlowProxy(couch.url, delay))
+        sinks = (f"  - type: couchdb\n    url: {proxy.url}\n"
+                 f"  - type: jsonl\n    path: {jsonl}\n")
+        cfg = _config(tmp / "cfg.yaml", echo.port, sinks)
+        d1 = run.start(cfg, 1)
         assert wait(lambda: status(sock) is not None, 20), "daemon not up"
         time.sleep(0.5)
 
@@ -243,27 +217,18 @@ def slow_couchdb(tmp: Path, delay: float = 10.0, rounds: int = 3,
         out["captured"] = _streams(sock)
         out["proxy_requests"], out["proxy_active"] = proxy.requests, proxy.active
         out["couchdb_sink"] = _sink(sock, "couchdb")
-        code, took = _stop(d1)
+        code, took = stop(d1)
         out["exit"], out["stop_s"] = code, round(took, 2)
         out["jsonl_records"] = lines()
 
         # second run, straight to CouchDB: the spool is replayed
         _config(tmp / "cfg.yaml", echo.port, f"  - type: couchdb\n    url: {couch.url}\n")
-        d2 = start_daemon(tmp, cfg, 2)
-        procs.append(d2)
+        d2 = run.start(cfg, 2)
         assert wait(lambda: status(sock) is not None, 20), "daemon 2 not up"
         wait(lambda: len(stored(couch.url)) >= len(ports), 60)
         time.sleep(1.0)
-        code, _took = _stop(d2)
+        code, _took = stop(d2)
         out.update(_check_docs(stored(couch.url), ports))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-        proxy.close()
-        echo.close()
-        couch.close()
     return out
 
 

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, Self
 
 # Link types (https://www.tcpdump.org/linktypes.html)
 LINKTYPE_NULL = 0
@@ -300,7 +300,32 @@ def _ts_units(ts: Timestamp, resolution: int) -> int:
     return int((Decimal(repr(ts)) * resolution).to_integral_value(ROUND_FLOOR))
 
 
-class PcapWriter:
+class _CaptureFile:
+    """The file a writer writes to: opened (and closed) here when given a path, left open when
+    given a file object. A context manager."""
+
+    def __init__(self, path_or_file: str | Path | IO[bytes]) -> None:
+        if isinstance(path_or_file, str | Path):
+            self._fh: IO[bytes] = open(path_or_file, "wb")  # noqa: SIM115
+            self._owned = True
+        else:
+            self._fh = path_or_file
+            self._owned = False
+
+    def close(self) -> None:
+        if self._owned:
+            self._fh.close()
+        else:
+            self._fh.flush()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PcapWriter(_CaptureFile):
     """Classic pcap, little-endian; µs or ns timestamps. A context manager; a file object passed
     in is left open."""
 
@@ -308,12 +333,7 @@ class PcapWriter:
 
     def __init__(self, path_or_file: str | Path | IO[bytes], linktype: int = LINKTYPE_ETHERNET,
                  nanosecond: bool = False, snaplen: int = 262144) -> None:
-        if isinstance(path_or_file, str | Path):
-            self._fh: IO[bytes] = open(path_or_file, "wb")  # noqa: SIM115
-            self._owned = True
-        else:
-            self._fh = path_or_file
-            self._owned = False
+        super().__init__(path_or_file)
         self.linktype = linktype
         self.nanosecond = nanosecond
         self.snaplen = snaplen
@@ -325,18 +345,6 @@ class PcapWriter:
         sec, frac = _split_ts(ts, self.nanosecond)
         wire = len(frame) if wire_len is None else wire_len
         self._fh.write(self._record.pack(sec, frac, len(frame), wire) + frame)
-
-    def close(self) -> None:
-        if self._owned:
-            self._fh.close()
-        else:
-            self._fh.flush()
-
-    def __enter__(self) -> PcapWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def write_pcap(path: str | Path | IO[bytes], packets: Iterable[Packet],
@@ -362,19 +370,14 @@ def _pcapng_block(block_type: int, body: bytes) -> bytes:
     return struct.pack("<II", block_type, total) + body + struct.pack("<I", total)
 
 
-class PcapngWriter:
+class PcapngWriter(_CaptureFile):
     """pcapng, little-endian: SHB, one IDB per `add_interface` (the first is added by the
     constructor from `linktype`), EPBs. `nanosecond` writes if_tsresol = 9 on that interface;
     otherwise if_tsresol = 6 (the default µs) is written explicitly."""
 
     def __init__(self, path_or_file: str | Path | IO[bytes], linktype: int = LINKTYPE_ETHERNET,
                  nanosecond: bool = False, snaplen: int = 262144) -> None:
-        if isinstance(path_or_file, str | Path):
-            self._fh: IO[bytes] = open(path_or_file, "wb")  # noqa: SIM115
-            self._owned = True
-        else:
-            self._fh = path_or_file
-            self._owned = False
+        super().__init__(path_or_file)
         self._resolutions: list[int] = []
         shb = struct.pack("<IHHq", PCAPNG_BYTE_ORDER_MAGIC, 1, 0, -1)
         self._fh.write(_pcapng_block(PCAPNG_SHB, shb))
@@ -397,18 +400,6 @@ class PcapngWriter:
         body = struct.pack("<IIIII", interface, units >> 32, units & 0xFFFFFFFF, len(frame),
                            wire) + frame
         self._fh.write(_pcapng_block(PCAPNG_EPB, body))
-
-    def close(self) -> None:
-        if self._owned:
-            self._fh.close()
-        else:
-            self._fh.flush()
-
-    def __enter__(self) -> PcapngWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def write_pcapng(path: str | Path | IO[bytes], packets: Iterable[Packet],

@@ -251,41 +251,33 @@ def test_spool_full_disk_cuts_the_torn_record_and_reads_back_whole(tmpfs):
 def test_daemon_counts_enospc_in_status_and_metrics_and_keeps_capturing(tmpfs, tmp_path):
     """A live daemon (on lo) whose JSONL file system is full: it keeps capturing, /status and
     /metrics show the ENOSPC count, and when room returns every stream is written once."""
-    import http.client
-    import signal
-    import socket
-
-    from test_sink_outage import EchoServer, connect, start_daemon, status, wait
+    from daemonrun import (
+        EchoServer,
+        LiveRun,
+        connect,
+        control_get,
+        status,
+        stop,
+        wait,
+        write_config,
+    )
 
     out = tmpfs("out", "4m")
-    echo = EchoServer()
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
-        f"capture: {{filter: 'tcp port {echo.port}', shutdown_timeout: 4s}}\n"
-        f"reassembly: {{timeouts: {{fin_linger: 0.5s}}}}\n"
-        f"sinks:\n  - type: jsonl\n    path: {out / 'out.jsonl'}\n"
-    )
     sock = tmp_path / "ctl.sock"
 
     def sink() -> dict:
         return next(iter((status(sock) or {}).get("sinks") or [{}]))
 
-    def metrics() -> str:
-        class Conn(http.client.HTTPConnection):
-            def connect(self) -> None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(str(sock))
-
-        c = Conn("localhost", timeout=5)
-        c.request("GET", "/metrics")
-        return c.getresponse().read().decode()
-
     def lines() -> list[bytes]:
         p = out / "out.jsonl"
         return p.read_bytes().splitlines() if p.exists() else []
 
-    d = start_daemon(tmp_path, cfg, 1)
-    try:
+    with LiveRun(tmp_path) as run:
+        echo = run.closing(EchoServer())
+        cfg = write_config(tmp_path / "cfg.yaml", echo.port,
+                           f"  - type: jsonl\n    path: {out / 'out.jsonl'}\n",
+                           shutdown_timeout="4s")
+        d = run.start(cfg)
         assert wait(lambda: status(sock) is not None, 20), "daemon not up"
         time.sleep(0.5)
         ports = connect(echo.port, 5)
@@ -296,7 +288,7 @@ def test_daemon_counts_enospc_in_status_and_metrics_and_keeps_capturing(tmpfs, t
         streams = sum((status(sock) or {}).get("streams", {}).values())
         assert streams >= 25, "capture stopped"
         assert d.poll() is None
-        text = metrics()
+        text = control_get(sock, "/metrics", timeout=5).decode()
         line = next(x for x in text.splitlines()
                     if x.startswith("streamtap_sink_enospc_total{"))
         assert 'sink="jsonl"' in line and float(line.split()[-1]) > 0, line
@@ -304,13 +296,7 @@ def test_daemon_counts_enospc_in_status_and_metrics_and_keeps_capturing(tmpfs, t
         filler.unlink()
         ports += connect(echo.port, 5)
         assert wait(lambda: len(lines()) >= 30, 90), (len(lines()), sink())
-        d.send_signal(signal.SIGTERM)
-        assert d.wait(30) == 0
-    finally:
-        if d.poll() is None:
-            d.kill()
-            d.wait(5)
-        echo.close()
+        assert stop(d)[0] == 0
     data = (out / "out.jsonl").read_bytes()
     assert data.endswith(b"\n")
     got = sorted(json.loads(x)["source"]["port"] for x in data.splitlines())

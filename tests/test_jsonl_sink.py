@@ -7,10 +7,12 @@ import base64
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from streamtap.config import ConfigError
 from streamtap.engine.stream import Stream
 from streamtap.sinks import jsonl as jsonlmod
 from streamtap.sinks.base import FATAL, OK, RETRY
@@ -232,7 +234,12 @@ def test_unencodable_record_is_fatal(tmp_path):
 
 
 def test_bad_options_are_refused(tmp_path):
-    for opts in ({"fsync": "sometimes"}, {"payload_encoding": "rot13"}, {"rotate": 1},
-                 {"rotate_bytes": -1}):
-        with pytest.raises(ValueError):
+    # checked by the config's own code (Sink.parse_options), with its messages
+    for opts, message in (
+        ({"fsync": "sometimes"}, "fsync: expected one of never, batch, always, got 'sometimes'"),
+        ({"payload_encoding": "rot13"}, "payload_encoding: expected one of base64, hex, utf8"),
+        ({"rotate": 1}, "unknown key 'rotate' for sink type jsonl"),
+        ({"rotate_bytes": -1}, "rotate_bytes: must not be negative, got -1"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
             JsonlSink("jsonl", opts)

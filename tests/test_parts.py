@@ -15,12 +15,12 @@ import streamtap
 from streamtap import config as cfgmod
 from streamtap.engine.flowtable import FlowTable, Limits
 from streamtap.engine.stream import Stream
-from streamtap.sinks.base import OK
 from streamtap.sinks.files import FilesSink
 from streamtap.sinks.pcap import PcapSink
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pcapbuild import Conversation  # noqa: E402
+from sinkrun import write_batches  # noqa: E402
 from test_reassembly import Conn  # noqa: E402
 
 T0 = 1_700_000_000.0
@@ -110,13 +110,8 @@ def test_files_sink_appends_parts_to_the_stream_files(tmp_path: Path) -> None:
     cap, cdata, sdata = bulk(tmp_path)
     parts = list(streamtap.reassemble(cap, config=cfg()))
     assert len(parts) > 2
-    sink = FilesSink("files", {"dir": str(tmp_path / "out")})
-    sink.open()
-    try:
-        for p in parts:            # one batch per part, as they come
-            assert sink.write([p]).status == OK
-    finally:
-        sink.close()
+    # one batch per part, as they come
+    write_batches(FilesSink("files", {"dir": str(tmp_path / "out")}), *([p] for p in parts))
     files = sorted(f for f in (tmp_path / "out").iterdir() if f.name != "streams.jsonl")
     assert [f.read_bytes() for f in files] == [cdata, sdata]
     lines = (tmp_path / "out" / "streams.jsonl").read_text().splitlines()
@@ -127,13 +122,7 @@ def test_pcap_sink_appends_parts_to_the_stream_file(tmp_path: Path) -> None:
     cap, cdata, sdata = bulk(tmp_path)
     parts = list(streamtap.reassemble(cap, config=cfg(keep_packets=True)))
     assert len(parts) > 2
-    sink = PcapSink("pcap", {"dir": str(tmp_path / "out")})
-    sink.open()
-    try:
-        for p in parts:
-            assert sink.write([p]).status == OK
-    finally:
-        sink.close()
+    write_batches(PcapSink("pcap", {"dir": str(tmp_path / "out")}), *([p] for p in parts))
     files = list((tmp_path / "out").rglob("*.pcap"))
     assert len(files) == 1
     # the file holds the whole connection: read back whole, it is the same stream

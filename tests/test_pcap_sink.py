@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import require
 from pcapbuild import LINKTYPE_RAW, Conversation, PcapWriter
+from sinkrun import write_batches
 
 import streamtap
 from streamtap import config as cfgmod
@@ -78,15 +79,6 @@ def files(d: Path) -> list[Path]:
     return sorted(p for p in d.rglob("*.pcap") if p.is_file())
 
 
-def write_all(sink: PcapSink, streams: list) -> None:
-    sink.open()
-    try:
-        res = sink.write(streams)
-        assert res.status == OK, res
-    finally:
-        sink.close()
-
-
 @needs_tshark
 def test_per_stream_files_read_back_as_the_same_streams(tmp_path):
     streams = streams_of(
@@ -96,7 +88,7 @@ def test_per_stream_files_read_back_as_the_same_streams(tmp_path):
     )
     assert len(streams) == 2 and all(s.packets for s in streams)
     out = tmp_path / "out"
-    write_all(PcapSink("pcap", {"dir": str(out)}), streams)
+    write_batches(PcapSink("pcap", {"dir": str(out)}), streams)
     written = files(out)
     assert len(written) == 2
     for s in streams:
@@ -125,7 +117,7 @@ def test_wire_length_of_a_snaplen_cut_packet_is_kept(tmp_path):
     (s,) = streamtap.reassemble(cap, config=KEEP)
     assert s.truncated
     out = tmp_path / "out"
-    write_all(PcapSink("pcap", {"dir": str(out)}), [s])
+    write_batches(PcapSink("pcap", {"dir": str(out)}), [s])
     (f,) = files(out)
     _m, _lt, recs = read_pcap(f)
     assert [(incl, orig) for _s, _u, incl, orig, _d in recs] == [
@@ -144,7 +136,7 @@ def test_raw_ip_is_written_as_linktype_raw(tmp_path):
     assert s.linktype in (12, 14, 101)  # pcapy reports LINKTYPE_RAW as DLT_RAW
     assert linktype_of(12) == linktype_of(14) == linktype_of(101) == 101
     out = tmp_path / "out"
-    write_all(PcapSink("pcap", {"dir": str(out)}), streams)
+    write_batches(PcapSink("pcap", {"dir": str(out)}), streams)
     (f,) = files(out)
     assert read_pcap(f)[1] == 101
     assert tshark_count(f) == len(s.packets)
@@ -157,7 +149,7 @@ def test_ipv6_and_template_names_are_safe(tmp_path):
     (s,) = streams
     out = tmp_path / "out"
     tpl = "{interface}/{community_id}-{client_ip}.{client_port}-{start:%H%M%S}.pcap"
-    write_all(PcapSink("pcap", {"dir": str(out), "template": tpl}), streams)
+    write_batches(PcapSink("pcap", {"dir": str(out), "template": tpl}), streams)
     (f,) = files(out)
     rel = f.relative_to(out).as_posix()
     assert re.fullmatch(r"[A-Za-z0-9._/-]+", rel), rel
@@ -165,7 +157,7 @@ def test_ipv6_and_template_names_are_safe(tmp_path):
     assert rel == f"none/{cid}-2001_db8__1.40000-221320.pcap"
     # the default template too
     out2 = tmp_path / "out2"
-    write_all(PcapSink("pcap", {"dir": str(out2)}), streams)
+    write_batches(PcapSink("pcap", {"dir": str(out2)}), streams)
     (f2,) = files(out2)
     assert f2.name == f"2001_db8__1.40000-2001_db8__2.80-{s.id}.pcap"
     (back,) = streamtap.reassemble(f2)
@@ -177,21 +169,24 @@ def test_ipv6_and_template_names_are_safe(tmp_path):
 def test_bad_templates_are_refused(tmp_path, tpl):
     with pytest.raises(ValueError):
         check_template(tpl)
-    with pytest.raises(ValueError):
+    with pytest.raises(cfgmod.ConfigError, match=r"^template: .*pcap template"):
         PcapSink("pcap", {"dir": str(tmp_path), "template": tpl})
 
 
 def test_unknown_option_and_missing_dir_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown pcap sink option"):
+    with pytest.raises(cfgmod.ConfigError,
+                       match=r"unknown key 'rotate' for sink type pcap \(did you mean"):
         PcapSink("pcap", {"dir": str(tmp_path), "rotate": 1})
-    with pytest.raises(ValueError, match="dir"):
+    with pytest.raises(cfgmod.ConfigError, match="missing required key 'dir' for sink type pcap"):
         PcapSink("pcap", {})
+    with pytest.raises(cfgmod.ConfigError, match="max_open_files: must be greater than 0"):
+        PcapSink("pcap", {"dir": str(tmp_path), "max_open_files": 0})
 
 
 def test_nanosecond_files(tmp_path):
     streams = streams_of(tmp_path, conv(t0=1700000000.123456))
     out = tmp_path / "out"
-    write_all(PcapSink("pcap", {"dir": str(out), "nanosecond": True}), streams)
+    write_batches(PcapSink("pcap", {"dir": str(out), "nanosecond": True}), streams)
     (f,) = files(out)
     magic, _lt, recs = read_pcap(f)
     assert magic == PCAP_MAGIC_NS

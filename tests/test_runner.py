@@ -81,6 +81,24 @@ class FakeSink(Sink):
             assert self.got.wait_for(lambda: len(self.delivered()) >= n, WAIT)
 
 
+class BlockingSink(FakeSink):
+    """A FakeSink whose writes hold until the test sets `release` (at most WAIT): `entered` is
+    set by the first write, `inside` while a write is in progress."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.inside = threading.Event()
+        super().__init__(self._hold)
+
+    def _hold(self, batch: Sequence[Stream], call: int) -> Result:
+        self.inside.set()
+        self.entered.set()
+        self.release.wait(WAIT)  # "sleeps" until the test lets it go
+        self.inside.clear()
+        return Result.ok()
+
+
 def test_batches_by_count_in_order():
     sink = FakeSink()
     r = SinkRunner(sink, spool_dir=None, batch_records=3, batch_age=60)
@@ -246,22 +264,14 @@ def test_sink_down_with_tiny_queue_spools_then_replays_in_order(tmp_path):
 
 
 def test_no_spool_drops_newest_and_counts():
-    release = threading.Event()
-    entered = threading.Event()
-
-    def script(batch, call):
-        entered.set()
-        release.wait(WAIT)
-        return Result.ok()
-
-    sink = FakeSink(script)
+    sink = BlockingSink()
     r = SinkRunner(sink, spool_dir=None, queue_max=3, batch_records=1, batch_age=0)
     r.start()
     r.submit([mk(0)])
-    assert entered.wait(WAIT)
+    assert sink.entered.wait(WAIT)
     r.submit([mk(i) for i in range(1, 4)])  # fills the queue
     r.submit([mk(4), mk(5)])  # no room: dropped
-    release.set()
+    sink.release.set()
     r.stop(5)
     assert sink.delivered() == [0, 1, 2, 3]
     assert r.stats()["records"]["dropped"] == 2
@@ -284,31 +294,20 @@ def test_fatal_counts_failed_and_moves_on():
 
 
 def test_submit_never_blocks_on_a_slow_sink(tmp_path):
-    entered = threading.Event()
-    release = threading.Event()
-    inside = threading.Event()
-
-    def script(batch, call):
-        inside.set()
-        entered.set()
-        release.wait(WAIT)  # "sleeps" until the test lets it go
-        inside.clear()
-        return Result.ok()
-
-    sink = FakeSink(script)
+    sink = BlockingSink()
     r = SinkRunner(sink, spool_dir=str(tmp_path), queue_max=10_000, batch_records=500,
                    batch_age=0.01)
     r.start()
     r.submit([mk(0)])
-    assert entered.wait(WAIT)
+    assert sink.entered.wait(WAIT)
     for i in range(1, 10_001):
         r.submit([mk(i)])
     # Every submit returned while the sink is still blocked inside its first write; the
     # 10,000th record did not fit the queue and went to the spool.
-    assert inside.is_set() and not release.is_set()
+    assert sink.inside.is_set() and not sink.release.is_set()
     st = r.stats()
     assert st["queue_depth"] + st["spool_pending"] + st["records"]["spooled"] == 10_000
-    release.set()
+    sink.release.set()
     sink.wait_for(10_001)
     r.stop(5)
     assert sink.delivered() == list(range(10_001))
@@ -368,24 +367,16 @@ def test_corrupt_spool_segment_is_skipped_and_counted(tmp_path):
 
 
 def test_stuck_sink_does_not_hold_stop(tmp_path):
-    release = threading.Event()
-    entered = threading.Event()
-
-    def script(batch, call):
-        entered.set()
-        release.wait(WAIT)
-        return Result.ok()
-
-    sink = FakeSink(script)
+    sink = BlockingSink()
     r = SinkRunner(sink, spool_dir=str(tmp_path), batch_records=1, batch_age=0)
     r.start()
     r.submit([mk(0)])
-    assert entered.wait(WAIT)
+    assert sink.entered.wait(WAIT)
     r.submit([mk(1), mk(2)])
     t0 = time.monotonic()
     r.stop(0.05)
     assert time.monotonic() - t0 < WAIT
-    release.set()
+    sink.release.set()
     # The batch in hand and the queue are in the spool: at-least-once.
     sink2 = FakeSink()
     r2 = SinkRunner(sink2, spool_dir=str(tmp_path))
