@@ -180,6 +180,7 @@ def check(conns: list[dict], recs: list[dict], docs: list[dict], port: int,
     out = {"connections": len(conns), "at_kill": 0, "at_kill_exact": 0, "jsonl_lost": 0,
            "jsonl_duplicated": 0, "jsonl_inexact": 0, "couchdb_lost": 0,
            "couchdb_duplicated": len(doc_ids) - len(doc_set), "untagged_records": untagged}
+    lost: list[dict] = []
     for c in conns:
         got = by_n.get(c["n"], [])
         exact = [r for r in got
@@ -192,12 +193,14 @@ def check(conns: list[dict], recs: list[dict], docs: list[dict], port: int,
             continue
         if not got:
             out["jsonl_lost"] += 1
+            lost.append(c)
         elif len(got) > 1:
             out["jsonl_duplicated"] += 1
         elif not exact:
             out["jsonl_inexact"] += 1
         if got and got[0]["stream"]["id"] not in doc_set:
             out["couchdb_lost"] += 1
+    out["lost_detail"] = [{k: c[k] for k in ("n", "port", "start", "end")} for c in lost[:10]]
     return out
 
 
@@ -232,12 +235,25 @@ def run(tmp: Path, *, duration: float, rate: float = 5.0, kill_every: float = 12
     traffic: Traffic | None = None
     windows: list[tuple[float, float]] = []
     kills = hups = outages = 0
+    hup_times: list[float] = []
+    t0 = time.monotonic()
     try:
         deadline = time.monotonic() + 30
         while not ((st := status(sock)) and all(w["alive"] for w in st["workers"])):
             if time.monotonic() > deadline or d.poll() is not None:
                 raise RuntimeError(f"daemon not up: {(tmp / 'stderr.txt').read_text()[-2000:]}")
             time.sleep(0.2)
+        # "alive" is not "capturing": probe until a connection comes out in the JSONL (the
+        # probes are not part of the truth)
+        while not any(r["destination"]["port"] == server.port for r in _records(out)):
+            if time.monotonic() > deadline + 30:
+                raise RuntimeError("the daemon captures nothing")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", server.port), timeout=5) as s:
+                s.sendall(b"%08d%010d" % (0, 0))  # connection 0: not in the truth
+                s.shutdown(socket.SHUT_WR)
+                s.recv(1)
+            time.sleep(1.0)
         traffic = Traffic(server.port, rate).start()
         time.sleep(3.0)
         res["rss_start_mib"] = round(rss_bytes(d.pid) / MIB, 1)
@@ -259,6 +275,7 @@ def run(tmp: Path, *, duration: float, rate: float = 5.0, kill_every: float = 12
                 say(f"+{now - t0:.0f} s: CouchDB up")
             if now >= next_hup:
                 d.send_signal(signal.SIGHUP)
+                hup_times.append(now)
                 hups += 1
                 next_hup += hup_every
             if now >= next_kill:
@@ -313,6 +330,12 @@ def run(tmp: Path, *, duration: float, rate: float = 5.0, kill_every: float = 12
                 "client_failed": traffic.failed if traffic else None,
                 "reloads_logged": (tmp / "stderr.txt").read_text().count("configuration reloaded")})
     res.update(check(traffic.conns if traffic else [], _records(out), docs, server.port, windows))
+    for c in res["lost_detail"]:  # times relative to the start, and the faults around them
+        c["start"], c["end"] = round(c["start"] - t0, 2), round(c["end"] - t0, 2)
+        c["hups_near"] = [round(h - t0, 2) for h in hup_times if c["start"] - 3 < h - t0 <
+                          c["end"] + 3]
+        c["kill_windows_near"] = [(round(a - t0, 1), round(b - t0, 1)) for a, b in windows
+                                  if c["start"] - 10 < a - t0 < c["end"] + 10]
     return res
 
 
