@@ -9,11 +9,13 @@ daemon on `lo` with a CouchDB sink behind tests/outage.py's `SlowProxy` and a JS
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from couchserver import CouchServer
 from outage import SlowProxy, _check_docs, _config, _stop, stored
 from test_sink_outage import EchoServer, connect, start_daemon, status, wait
@@ -123,6 +125,7 @@ def test_held_records_are_capped_and_counted(monkeypatch):
 # --------------------------------------------------------------------------- live
 
 
+@pytest.mark.requires(None if os.geteuid() == 0 else "needs root (captures on lo)")
 def test_sighup_while_couchdb_is_slow_keeps_draining_and_loses_nothing(tmp_path: Path):
     couch = CouchServer()
     echo = EchoServer()

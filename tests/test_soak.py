@@ -9,11 +9,17 @@ its kill are reported apart; see bench/soak.py).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import soak  # noqa: E402
+
+ROOT = None if os.geteuid() == 0 else "needs root (captures on lo)"
+pytestmark = pytest.mark.requires(ROOT)
 
 
 def test_soak_with_kills_reloads_and_couchdb_outages_loses_nothing(tmp_path):
