@@ -36,7 +36,7 @@ def test_syn_flood_into_the_live_daemon_holds_memory_capture_and_real_streams(tm
     assert res["replayed"] == {"expected": 200, "exact": 200, "lost": 0, "duplicated": 0}
     assert res["live_tcp"] == {"expected": 30, "exact": 30, "lost": 0, "duplicated": 0}
     ev = res["evictions"]
-    assert ev is not None and ev["memory"] > 0, ev
-    assert sum(ev.values()) > 50_000, ev  # most SYNs went: memory, then emergency timeouts
+    # 32 MiB per worker holds ~84,000 lone SYNs at 400 B: of ~100,000 each, the rest is evicted
+    assert ev is not None and ev["memory"] >= 20_000, ev
     assert res["exit"] == 0
     assert flood.verdict(res) == []
