@@ -126,14 +126,16 @@ class SinkRunner:
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._sleep_fn = sleep
-        segment = min(SEGMENT_MAX, max(SEGMENT_MIN, spool_max_bytes // 16))
-        self._spool = (Spool(spool_dir, max_bytes=spool_max_bytes, segment_bytes=segment)
-                       if spool_dir else None)
+        # The spool directory is claimed at `start` (or `stop`), not here: a daemon reloading
+        # builds the new runner while the old one of the same name may still write there.
+        self._spool_dir = spool_dir or None
+        self._spool_max = spool_max_bytes
+        self._spool: Spool | None = None
         self._cond = threading.Condition()
         self._queue: deque[tuple[Stream, int, float]] = deque()
         self._queue_bytes = 0
         # True while the spool holds undelivered records: new records go there too.
-        self._spooling = self._spool is not None and not self._spool.is_empty()
+        self._spooling = False
         # records on their way to the spool (the spool writer's hand-off list), oldest first;
         # the batch in hand to spool first (set at the spill); records being written now
         self._overflow: deque[Stream] = deque()
@@ -166,12 +168,28 @@ class SinkRunner:
         if self._thread is not None:
             raise RuntimeError("runner already started")
         name = getattr(self.sink, "name", "sink")
+        self._open_spool()
         if self._spool is not None:
             self._spooler = threading.Thread(target=self._spool_loop, name=f"spool-{name}",
                                              daemon=True)
             self._spooler.start()
         self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
         self._thread.start()
+
+    def _open_spool(self) -> None:
+        if self._spool_dir is None or self._spool is not None:
+            return
+        segment = min(SEGMENT_MAX, max(SEGMENT_MIN, self._spool_max // 16))
+        spool = Spool(self._spool_dir, max_bytes=self._spool_max, segment_bytes=segment)
+        with self._cond:
+            self._spool = spool
+            # a spool left by a previous run is delivered first, and what was submitted
+            # before `start` goes after it, in order
+            if not self._spooling and not spool.is_empty():
+                self._spooling = True
+                self._overflow.extend(s for s, _, _ in self._queue)
+                self._queue.clear()
+                self._queue_bytes = 0
 
     def submit(self, streams: list[Stream]) -> None:
         """Hand completed streams to the sink. Never waits for the sink."""
@@ -194,7 +212,7 @@ class SinkRunner:
                     self._queue_bytes += n
                 self._cond.notify_all()
                 return
-            if self._spool is None:
+            if self._spool_dir is None:
                 self.counts["dropped"] += len(streams)
                 return
             # Queue full: everything older goes to the spool first, to keep the order: the
@@ -565,6 +583,7 @@ class SinkRunner:
         self._wake.set()
         t = self._thread
         if t is None:  # never started: nothing in flight
+            self._open_spool()
             with self._cond:
                 self._closed = True
                 self._spill_locked()

@@ -521,6 +521,8 @@ def test_valid_sighup_rebuilds_sinks_and_reloads_workers():
     all_ready(sup, spawner)
     sup.handle_hup()
     assert notifier.msgs[-1] == "RELOADING=1"
+    for t in list(sup._closers.values()) + sup._anon_closers:  # the old sink closes off the loop
+        t.join(5)
     assert sink.events[-2:] == ["flush", "close"] and new_sink.events == ["open"]
     assert sup.cfg is new_cfg and sup.sinks == [new_sink]
     assert all(p.sent == [Reload(new_cfg)] for p in spawner.procs)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +40,30 @@ log = logging.getLogger("streamtap.process.supervisor")
 SIGNALS = ("HUP", "INT", "TERM", "USR1", "CHLD")
 
 __all__ = ["HaltServer", "Supervisor", "worker_count"]
+
+
+# Batches held for a reloaded sink while its predecessor of the same name closes: beyond this
+# many records, the newest are counted as failed for that sink (the close is bounded by the
+# runner's stop timeout, so this is a few seconds of traffic).
+HOLD_MAX_RECORDS = 50_000
+
+
+class _Held:
+    """A new sink (not yet open) waiting for the old sink of its name to close."""
+
+    __slots__ = ("sink", "closer", "batches", "records", "dropped")
+
+    def __init__(self, sink: Any, closer: threading.Thread) -> None:
+        self.sink = sink
+        self.closer = closer
+        self.batches: deque[list[Stream]] = deque()
+        self.records = 0
+        self.dropped = 0
+
+
+def _sink_name(sink: Any) -> str | None:
+    name = getattr(sink, "name", None)
+    return name if isinstance(name, str) else None
 
 
 def worker_count(cfg: Config) -> int:
@@ -95,6 +120,13 @@ class Supervisor:
         self.ready_sent = False
         self.reloading_since: float | None = None
         self._ingest: deque[list[Stream]] = deque()
+        # SIGHUP closes the old sinks on closer threads (a sink stuck in a slow request must
+        # not hold the loop); a new sink of the same name opens only once its predecessor
+        # closed (they share a spool directory, a file), its records held here meanwhile
+        self._closers: dict[str, threading.Thread] = {}
+        self._anon_closers: list[threading.Thread] = []
+        self._held: dict[int, _Held] = {}
+        self._reload_deferred = False
         self._last_status = clock()
         self._last_watchdog = 0.0
 
@@ -185,6 +217,7 @@ class Supervisor:
                 self.halt(HaltServer("supervisor failed, stopping", 1))
             self.pool.drain(1 << 30)
         finally:
+            self.finish_handovers()
             self.close_sinks(self.sinks, "sink")
             self.reset_signals()
         return self.exit_status
@@ -200,6 +233,7 @@ class Supervisor:
         p.murder()
         p.manage(self.cfg)
         self.check_stop_deadline()
+        self.check_handovers()
         self.check_reload()
         self.notify_systemd()
 
@@ -286,7 +320,12 @@ class Supervisor:
         if not streams:
             return
         self.counters.delivered += len(streams)
+        held = self._held
         for i, sink in enumerate(self.sinks):
+            h = held.get(id(sink)) if held else None
+            if h is not None:
+                self._hold(i, h, streams)
+                continue
             try:
                 sink.write(streams)
             except Exception as e:  # a broken sink never stops capture
@@ -300,6 +339,86 @@ class Supervisor:
             self._ingest.append(list(streams))
             self.wakeup()
 
+    def _hold(self, i: int, h: _Held, streams: list[Stream]) -> None:
+        n = len(streams)
+        if h.records + n > HOLD_MAX_RECORDS:
+            if not h.dropped:
+                log.error("sink %s: %d records held while its predecessor closes; counting "
+                          "the newer ones as failed", sink_label(h.sink), h.records)
+            h.dropped += n
+            self.counters.sink_failed(i, n)
+            return
+        h.batches.append(streams)
+        h.records += n
+
+    def check_handovers(self) -> None:
+        """Open the new sinks whose predecessor has closed, and give them what was held."""
+        if self._anon_closers:
+            self._anon_closers = [t for t in self._anon_closers if t.is_alive()]
+        for name in [n for n, t in self._closers.items() if not t.is_alive()]:
+            del self._closers[name]
+        if not self._held:
+            if self._reload_deferred and self.stopping_deadline is None:
+                self._reload_deferred = False
+                self.reload()
+            return
+        for key, h in list(self._held.items()):
+            if h.closer.is_alive():
+                continue
+            del self._held[key]
+            self._release(h)
+
+    def _release(self, h: _Held) -> None:
+        i = next((k for k, s in enumerate(self.sinks) if s is h.sink), -1)
+        try:
+            h.sink.open()
+        except Exception as e:
+            log.error("sink %s: open failed after reload, %d record(s) lost: %s",
+                      sink_label(h.sink), h.records, e)
+            if i >= 0:
+                self.counters.sink_failed(i, h.records)
+            return
+        while h.batches:
+            batch = h.batches.popleft()
+            try:
+                h.sink.write(batch)
+            except Exception as e:
+                if i >= 0:
+                    self.counters.sink_failed(i, len(batch))
+                log.error("sink %s: write failed, %d record(s) lost: %s", sink_label(h.sink),
+                          len(batch), e)
+
+    def finish_handovers(self) -> None:
+        """At exit: wait for the old sinks to close, then hand the new ones what was held
+        (their own close follows)."""
+        for t in [*self._closers.values(), *self._anon_closers]:
+            t.join()
+        self._closers.clear()
+        self._anon_closers.clear()
+        held, self._held = self._held, {}
+        for h in held.values():
+            self._release(h)
+
+    def _close_later(self, sink: Any) -> threading.Thread:
+        """Flush and close `sink` on a closer thread (the loop goes on draining)."""
+        t = threading.Thread(target=self.close_sinks, args=([sink], "old sink"),
+                             name=f"close-{sink_label(sink)}", daemon=True)
+        name = _sink_name(sink)
+        prev = self._closers.get(name) if name is not None else None
+        if prev is not None:
+            # a sink of this name is still closing from an earlier reload: after it
+            def chained(prev: threading.Thread = prev) -> None:
+                prev.join()
+                self.close_sinks([sink], "old sink")
+
+            t = threading.Thread(target=chained, name=t.name, daemon=True)
+        if name is not None:
+            self._closers[name] = t
+        else:
+            self._anon_closers.append(t)
+        t.start()
+        return t
+
     @staticmethod
     def close_sinks(sinks: list, what: str) -> None:
         for sink in sinks:
@@ -312,6 +431,11 @@ class Supervisor:
     # ------------------------------------------------------------------ reload
 
     def reload(self) -> None:
+        if self._held:
+            # the previous reload's sinks are still waiting for their predecessors: this
+            # one follows as soon as they are open (the wait is bounded by a sink's stop)
+            self._reload_deferred = True
+            return
         log.info("SIGHUP: reloading the configuration")
         if self._load_config is None or self._make_sinks is None:
             log.error("reload failed: this supervisor cannot load a configuration")
@@ -322,15 +446,21 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", e)
             return
         self.notifier.reloading()
+        hold = self._closing_names(self.sinks)
         try:
-            sinks = self.build_sinks(new)
+            sinks = self.build_sinks(new, hold=hold)
         except Exception as e:
             log.error("reload failed, keeping the running configuration and sinks: %s", e)
             self.notifier.ready()
             return
         old, self.sinks = self.sinks, sinks
         self.counters.sink_errors = {}
-        self.close_sinks(old, "old sink")
+        for sink in old:
+            self._close_later(sink)
+        for sink in sinks:
+            name = _sink_name(sink)
+            if name in hold:
+                self._held[id(sink)] = _Held(sink, self._closers[name])
         if new.capture.interface not in (None, self.interface):
             log.warning("capture.interface changed to %s: takes a restart, not a reload",
                         new.capture.interface)
@@ -356,7 +486,15 @@ class Supervisor:
         self.notifier.ready()
         log.info("configuration reloaded")
 
-    def build_sinks(self, cfg: Config) -> list:
+    def _closing_names(self, old: list) -> set[str]:
+        """Names a new sink must wait for: the running sinks' and those still closing."""
+        names = {n for n in map(_sink_name, old) if n is not None}
+        names.update(n for n, t in self._closers.items() if t.is_alive())
+        return names
+
+    def build_sinks(self, cfg: Config, hold: set[str] | frozenset[str] = frozenset()) -> list:
+        """Build and open the sinks of `cfg`, except those named in `hold`: they open when
+        their predecessor has closed (`check_handovers`)."""
         if self._make_sinks is None:
             from streamtap.sinks.registry import build_sinks
 
@@ -366,6 +504,8 @@ class Supervisor:
         opened = []
         try:
             for sink in sinks:
+                if _sink_name(sink) in hold:
+                    continue
                 sink.open()
                 opened.append(sink)
         except Exception:
