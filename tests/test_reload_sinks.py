@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 from couchserver import CouchServer
-from outage import SlowProxy, _check_docs, _config, _stop, stored
-from test_sink_outage import EchoServer, connect, start_daemon, status, wait
+from daemonrun import EchoServer, connect, start_daemon, status, stop, wait
+from outage import SlowProxy, _check_docs, _config, stored
 from test_supervisor import Sink, all_ready, cfg_with, make
 
 from streamtap.process import supervisor as supmod
@@ -170,7 +170,7 @@ def test_sighup_while_couchdb_is_slow_keeps_draining_and_loses_nothing(tmp_path:
         print("JSONL lag after SIGHUP (s):", lags)
         assert max(lags) < 4.5, lags
         time.sleep(1.0)
-        code, _ = _stop(d)
+        code, _ = stop(d)
         assert code == 0
         ids = [r["stream"]["id"] for r in records()]
         assert len(ids) == len(set(ids)) == len(ports), "JSONL: lost or duplicated"
@@ -183,7 +183,7 @@ def test_sighup_while_couchdb_is_slow_keeps_draining_and_loses_nothing(tmp_path:
         assert wait(lambda: status(sock) is not None, 20), "daemon 2 not up"
         wait(lambda: len(stored(couch.url)) >= len(ports), 60)
         time.sleep(1.0)
-        _stop(d2)
+        stop(d2)
         r = _check_docs(stored(couch.url), ports)
         assert (r["lost"], r["duplicated"], r["unexpected"]) == (0, 0, 0), r
     finally:
