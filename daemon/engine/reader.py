@@ -47,7 +47,10 @@ from streamtap.engine.pcapfmt import (
 )
 from streamtap.engine.pcapng import PcapngReader
 
-__all__ = ["CaptureError", "FilterError", "Source", "open_source", "read"]
+__all__ = [
+    "COMPLEMENT_FILTER", "CaptureError", "FilterError", "ShardSource", "Source", "open_source",
+    "read", "shard_filter", "shard_of", "with_filter",
+]
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
@@ -501,3 +504,151 @@ def read(paths: Sequence[str], bpf: str | None = None,
     as notes).
     """
     yield from Sources(paths, bpf, n)
+
+
+# --------------------------------------------------------------------------- shards
+# DESIGN "Capture": worker k of N reads one shard of a file. The BPF sum of addresses and ports
+# is the same both ways, so a connection stays in one shard. Packets the expressions cannot
+# place (VLAN/QinQ tags, IPv4 fragments (first pieces too, so one decoder sees a whole
+# datagram), IPv6 extension headers, tunnels, anything not TCP) form the complement: every
+# worker reads it through a second handle, decodes it fully and keeps what `shard_of` puts in
+# its shard (`Reassembler.feed_complement`).
+
+_PLAIN4 = "ip and tcp and ip[6:2] & 0x3fff = 0"
+_PLAIN6 = "ip6 and ip6[6] = 6"
+_SUM4 = "ip[12:4] + ip[16:4] + tcp[0:2] + tcp[2:2]"
+_SUM6 = " + ".join([f"ip6[{o}:4]" for o in range(8, 40, 4)] + ["ip6[40:2]", "ip6[42:2]"])
+
+
+def shard_filter(n: int, k: int) -> str:
+    """The BPF expression of shard k of n: plain IPv4/IPv6 TCP whose address+port sum (32-bit,
+    wrapping, as BPF adds) is k modulo n."""
+    if not 0 <= k < n:
+        raise ValueError(f"shard {k} of {n}")
+    return f"({_PLAIN4} and ({_SUM4}) % {n} = {k}) or ({_PLAIN6} and ({_SUM6}) % {n} = {k})"
+
+
+COMPLEMENT_FILTER = f"not (({_PLAIN4}) or ({_PLAIN6}))"
+
+
+def with_filter(user: str | None, expr: str) -> str:
+    """`(user) and (expr)`: the user's filter still decides what is read at all."""
+    return f"({user}) and ({expr})" if user else expr
+
+
+_U32 = struct.Struct(">4I")
+
+
+def shard_of(src: bytes, dst: bytes, sport: int, dport: int, n: int) -> int:
+    """`shard_filter`'s sum for a decoded segment (packed addresses): its shard of n."""
+    if len(src) == 4:
+        total = int.from_bytes(src, "big") + int.from_bytes(dst, "big")
+    else:
+        total = sum(_U32.unpack_from(src)) + sum(_U32.unpack_from(src, 8)) + sum(
+            _U32.unpack_from(dst)) + sum(_U32.unpack_from(dst, 8))
+    return ((total + sport + dport) & 0xFFFFFFFF) % n
+
+
+def _guarded(src: Source, n: int, errors: list[CaptureError],
+             ) -> Iterator[tuple[int, bytes, bytes]]:
+    try:
+        yield from src.typed_batches(n)
+    except CaptureError as e:
+        errors.append(e)
+
+
+def _key(meta: bytes, i: int) -> int:
+    sec, usec, _off, _caplen = META.unpack_from(meta, i)
+    return sec * 1_000_000 + usec
+
+
+class _Cursor:
+    """The complement's packets one run at a time; `key` = the head's time in µs, -1 at the
+    end."""
+
+    def __init__(self, batches: Iterator[tuple[int, bytes, bytes]]) -> None:
+        self._batches = batches
+        self.linktype, self.data, self.meta, self.i, self.key = 0, b"", b"", 0, -1
+        self._load()
+
+    def _load(self) -> None:
+        for linktype, data, meta in self._batches:
+            if meta:
+                self.linktype, self.data, self.meta = linktype, data, meta
+                self.i, self.key = 0, _key(meta, 0)
+                return
+        self.key = -1
+
+    def take_before(self, key: int | None) -> tuple[int, bytes, bytes]:
+        """The head's run, in this batch, of packets earlier than `key` (None: all)."""
+        meta, j = self.meta, self.i
+        i = j + META_LEN
+        while i < len(meta) and (key is None or _key(meta, i) < key):
+            i += META_LEN
+        run = (self.linktype, self.data, meta[j:i])
+        if i >= len(meta):
+            self._load()
+        else:
+            self.i, self.key = i, _key(meta, i)
+        return run
+
+
+class ShardSource:
+    """Shard k of n of one capture file: `(linktype, data, meta, complement)` batches, the
+    shard's packets (`complement` False) and the complement's (True) merged in timestamp
+    order, as `heapq.merge` would (head against head); on equal timestamps the shard's packet
+    comes first. Both handles are opened up front (a bad filter or file fails before any
+    packet is read). Damage: every good packet of both handles is yielded, then the error."""
+
+    def __init__(self, path: str, bpf: str | None, n: int, k: int, batch: int = 4096) -> None:
+        self.batch = batch
+        self.shard = open_source(path, with_filter(bpf, shard_filter(n, k)))
+        try:
+            self.complement = open_source(path, with_filter(bpf, COMPLEMENT_FILTER))
+        except BaseException:
+            self.shard.close()
+            raise
+        self.size = self.shard.size
+
+    @property
+    def bytes_read(self) -> int:
+        return min(self.shard.bytes_read, self.complement.bytes_read)
+
+    def close(self) -> None:
+        self.shard.close()
+        self.complement.close()
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
+        try:
+            yield from self._merge()
+        finally:
+            self.close()
+
+    def _merge(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
+        errors: list[CaptureError] = []
+        b_errors: list[CaptureError] = []
+        b = _Cursor(_guarded(self.complement, self.batch, b_errors))
+        for linktype, data, meta in _guarded(self.shard, self.batch, errors):
+            # the common case, no complement packet due within this batch: no per-packet work
+            if b.key < 0 or max(memoryview(meta).cast("I")[0::4]) < b.key // 1_000_000:
+                yield linktype, data, meta, False
+                continue
+            start = 0
+            for i in range(0, len(meta), META_LEN):
+                if b.key < 0:
+                    break
+                key = _key(meta, i)
+                if b.key >= key:
+                    continue
+                if i > start:
+                    yield linktype, data, meta[start:i], False
+                start = i
+                while 0 <= b.key < key:
+                    yield *b.take_before(key), True
+            if start < len(meta):
+                yield linktype, data, meta[start:], False
+        while b.key >= 0:
+            yield *b.take_before(None), True
+        errors.extend(b_errors)
+        if errors:
+            raise errors[0]
