@@ -544,8 +544,7 @@ def shard_of(src: bytes, dst: bytes, sport: int, dport: int, n: int) -> int:
     if len(src) == 4:
         total = int.from_bytes(src, "big") + int.from_bytes(dst, "big")
     else:
-        total = sum(_U32.unpack_from(src)) + sum(_U32.unpack_from(src, 8)) + sum(
-            _U32.unpack_from(dst)) + sum(_U32.unpack_from(dst, 8))
+        total = sum(_U32.unpack(src)) + sum(_U32.unpack(dst))
     return ((total + sport + dport) & 0xFFFFFFFF) % n
 
 
