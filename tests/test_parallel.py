@@ -30,7 +30,7 @@ import streamtap.config as cfgmod
 from streamtap.engine.decode import Decoder
 from streamtap.engine.pcapfmt import META
 from streamtap.engine.pipeline import Pipeline
-from streamtap.engine.reader import COMPLEMENT_FILTER, Sources, shard_filter, shard_of
+from streamtap.engine.reader import Sources, shard_filter, shard_of
 from streamtap.engine.stream import to_json
 from streamtap.process.offline import plan, run_parallel
 
@@ -228,13 +228,13 @@ def test_single_worker_cases(complement_pcap, tmp_path):
 
 def test_corpus_same_records_for_n_1_2_3(corpus_dir: Path):
     """Every corpus capture: the records of 2 and 3 shard workers are those of one worker,
-    and so is the error of a damaged file. Parts by time are off: a shard's timers advance on
-    its own packets, so where a connection is cut by `part_interval` may differ (README)."""
+    and so is the error of a damaged file. Parts by time are off, and a capture whose time goes
+    backwards may differ: a shard's clock advances on its own packets (README)."""
     cfg = cfgmod.load(None, {"reassembly": {"part_interval": 0}})
     captures = sorted(q for q in (corpus_dir / "pcaps").rglob("*")
                       if q.suffix in (".pcap", ".pcapng", ".cap") and q.is_file())
     assert len(captures) > 100
-    sharded = tied = unordered = 0
+    sharded = unordered = 0
     for cap in captures:
         one: list[str] = []
         err1 = None
@@ -254,32 +254,14 @@ def test_corpus_same_records_for_n_1_2_3(corpus_dir: Path):
             many: list[str] = []
             _, err = run_parallel(str(cap), cfg, None, n,
                                   lambda b, acc=many: acc.extend(to_json(s) for s in b))
-            if not _monotonic(cap):  # README: per-shard time differs from the file's
+            if sorted(many) != sorted(one):
+                # README: where time goes backwards, a shard's clock is not the file's
+                assert not _monotonic(cap), (cap, n)
                 unordered += 1
-                continue
-            if _tied(cap):  # README: on a time tie the merge cannot know the file's order
-                assert sorted(map(_payloads, many)) == sorted(map(_payloads, one)), (cap, n)
-                tied += 1
-            else:
-                assert sorted(many) == sorted(one), (cap, n)
             assert err == err1, cap
             sharded += 1
     assert sharded > 150
-    assert tied + unordered < sharded // 10
-
-
-def _times(cap: Path, bpf: str) -> set[tuple[int, int]]:
-    rd = pcapy.open_offline(str(cap))
-    rd.setfilter(bpf)
-    out = set()
-    try:
-        while True:
-            _, meta = rd.next_batch(4096)
-            if not meta:
-                return out
-            out.update((sec, usec) for sec, usec, _, _ in META.iter_unpack(meta))
-    except pcapy.PcapError:
-        return out
+    assert unordered <= 6  # kday3, kday4, kday7 with 3 workers
 
 
 def _monotonic(cap: Path) -> bool:
@@ -293,14 +275,3 @@ def _monotonic(cap: Path) -> bool:
     except Exception:  # noqa: BLE001 - damage: what was read before it was in order
         pass
     return True
-
-
-def _tied(cap: Path) -> bool:
-    """Does a shard packet share its timestamp with a complement packet?"""
-    return bool(_times(cap, shard_filter(1, 0)) & _times(cap, COMPLEMENT_FILTER))
-
-
-def _payloads(line: str) -> tuple:
-    r = json.loads(line)
-    return (r["stream"]["id"], r["stream"]["part"], r["source"]["payload"],
-            r["destination"]["payload"], r["tcp"]["close_reason"])

@@ -556,52 +556,68 @@ def _guarded(src: Source, n: int, errors: list[CaptureError],
         errors.append(e)
 
 
-def _key(meta: bytes, i: int) -> int:
-    sec, usec, _off, _caplen = META.unpack_from(meta, i)
-    return sec * 1_000_000 + usec
-
-
-class _Cursor:
-    """The complement's packets one run at a time; `key` = the head's time in µs, -1 at the
-    end."""
+class _Complement:
+    """The complement handle's packets, head first: `find` locates the head in a batch of the
+    shard handle, which reads the same packets (and the shard's) in the file's order."""
 
     def __init__(self, batches: Iterator[tuple[int, bytes, bytes]]) -> None:
         self._batches = batches
-        self.linktype, self.data, self.meta, self.i, self.key = 0, b"", b"", 0, -1
+        self.data, self.meta, self.i = b"", b"", 0
+        self.alive = True
+        self._needle, self._caplen, self._packet = b"", 0, b""
         self._load()
 
     def _load(self) -> None:
-        for linktype, data, meta in self._batches:
+        for _linktype, data, meta in self._batches:
             if meta:
-                self.linktype, self.data, self.meta = linktype, data, meta
-                self.i, self.key = 0, _key(meta, 0)
+                self.data, self.meta, self.i = data, meta, 0
+                self._head()
                 return
-        self.key = -1
+        self.alive = False
 
-    def take_before(self, key: int | None) -> tuple[int, bytes, bytes]:
-        """The head's run, in this batch, of packets earlier than `key` (None: all)."""
-        meta, j = self.meta, self.i
-        i = j + META_LEN
-        while i < len(meta) and (key is None or _key(meta, i) < key):
-            i += META_LEN
-        run = (self.linktype, self.data, meta[j:i])
-        if i >= len(meta):
+    def _head(self) -> None:
+        sec, usec, off, caplen = META.unpack_from(self.meta, self.i)
+        self._needle = self.meta[self.i:self.i + 8]  # (sec, usec) as the meta record packs them
+        self._caplen = caplen
+        self._packet = self.data[off:off + caplen]
+
+    def advance(self) -> None:
+        self.i += META_LEN
+        if self.i >= len(self.meta):
             self._load()
         else:
-            self.i, self.key = i, _key(meta, i)
-        return run
+            self._head()
+
+    def matches(self, data: bytes, meta: bytes, j: int) -> bool:
+        """Is the record at byte `j` of `meta` the head (same time, length and bytes)?"""
+        if meta[j:j + 8] != self._needle:
+            return False
+        _sec, _usec, off, caplen = META.unpack_from(meta, j)
+        return caplen == self._caplen and data[off:off + caplen] == self._packet
+
+    def find(self, data: bytes, meta: bytes, pos: int) -> int:
+        """Byte offset in `meta` of the head's record at or after `pos`, or -1."""
+        j = meta.find(self._needle, pos)
+        while j >= 0:
+            if j % META_LEN == 0 and self.matches(data, meta, j):
+                return j
+            j = meta.find(self._needle, j + 1)
+        return -1
 
 
 class ShardSource:
-    """Shard k of n of one capture file: `(linktype, data, meta, complement)` batches, the
-    shard's packets (`complement` False) and the complement's (True) merged in timestamp
-    order, as `heapq.merge` would (head against head); on equal timestamps the shard's packet
-    comes first. Both handles are opened up front (a bad filter or file fails before any
-    packet is read). Damage: every good packet of both handles is yielded, then the error."""
+    """Shard k of n of one capture file: `(linktype, data, meta, complement)` batches in the
+    file's order, the shard's packets (`complement` False) and those of the complement (True).
+
+    One handle reads `(user) and (shard or complement)`: every packet this worker needs, in
+    order; a second reads `(user) and complement`, which tells which of them are the
+    complement's (the same packets, in the same order: a packet's class is a function of its
+    bytes). Both are opened up front: a bad filter or file fails before any packet is read."""
 
     def __init__(self, path: str, bpf: str | None, n: int, k: int, batch: int = 4096) -> None:
         self.batch = batch
-        self.shard = open_source(path, with_filter(bpf, shard_filter(n, k)))
+        self.shard = open_source(
+            path, with_filter(bpf, f"({shard_filter(n, k)}) or ({COMPLEMENT_FILTER})"))
         try:
             self.complement = open_source(path, with_filter(bpf, COMPLEMENT_FILTER))
         except BaseException:
@@ -611,7 +627,7 @@ class ShardSource:
 
     @property
     def bytes_read(self) -> int:
-        return min(self.shard.bytes_read, self.complement.bytes_read)
+        return self.shard.bytes_read
 
     def close(self) -> None:
         self.shard.close()
@@ -619,35 +635,31 @@ class ShardSource:
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
         try:
-            yield from self._merge()
+            yield from self._split()
         finally:
             self.close()
 
-    def _merge(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
+    def _split(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
         errors: list[CaptureError] = []
         b_errors: list[CaptureError] = []
-        b = _Cursor(_guarded(self.complement, self.batch, b_errors))
+        comp = _Complement(_guarded(self.complement, self.batch, b_errors))
         for linktype, data, meta in _guarded(self.shard, self.batch, errors):
-            # the common case, no complement packet due within this batch: no per-packet work
-            if b.key < 0 or max(memoryview(meta).cast("I")[0::4]) < b.key // 1_000_000:
-                yield linktype, data, meta, False
-                continue
             start = 0
-            for i in range(0, len(meta), META_LEN):
-                if b.key < 0:
+            while comp.alive:  # the common case, no complement packet in the batch: one find
+                i = comp.find(data, meta, start)
+                if i < 0:
                     break
-                key = _key(meta, i)
-                if b.key >= key:
-                    continue
                 if i > start:
                     yield linktype, data, meta[start:i], False
-                start = i
-                while 0 <= b.key < key:
-                    yield *b.take_before(key), True
+                j = i + META_LEN
+                comp.advance()
+                while j < len(meta) and comp.alive and comp.matches(data, meta, j):
+                    j += META_LEN
+                    comp.advance()
+                yield linktype, data, meta[i:j], True
+                start = j
             if start < len(meta):
                 yield linktype, data, meta[start:], False
-        while b.key >= 0:
-            yield *b.take_before(None), True
         errors.extend(b_errors)
         if errors:
             raise errors[0]
