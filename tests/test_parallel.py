@@ -275,3 +275,44 @@ def _monotonic(cap: Path) -> bool:
     except Exception:  # noqa: BLE001 - damage: what was read before it was in order
         pass
     return True
+
+
+def test_pcap_and_files_sinks_get_the_same_output(complement_pcap, tmp_path):
+    """The sinks that need every packet (pcap) or per-direction files see the same streams:
+    fragments' frames travel with the stream in whichever shard keeps it."""
+    path, _ = complement_pcap
+    out = {}
+    for n in (1, 2):
+        pcaps, files = tmp_path / f"pcap{n}", tmp_path / f"files{n}"
+        _cli(["-q", "-r", str(path), "--workers", str(n), "--sink", f"pcap:{pcaps}",
+              "--sink", f"files:{files}"])
+        out[n] = (
+            {str(p.relative_to(pcaps)): p.read_bytes() for p in pcaps.rglob("*") if p.is_file()},
+            {p.name: p.read_bytes() for p in files.iterdir() if p.name != "streams.jsonl"},
+        )
+    assert len(out[1][0]) > 20 and len(out[1][1]) > 20
+    assert out[1] == out[2]
+
+
+def test_damaged_file_same_records_and_error(complement_pcap, tmp_path):
+    path, _ = complement_pcap
+    cut = tmp_path / "cut.pcap"
+    data = path.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    res = {}
+    for n in (1, 2, 3):
+        out = tmp_path / f"cut{n}.jsonl"
+        proc = _cli(["-q", "-r", str(cut), "--workers", str(n), "--sink", f"jsonl:{out}"],
+                    check=False)
+        assert proc.returncode == 1
+        res[n] = (sorted(out.read_text().splitlines()), proc.stderr)
+    assert "truncated" in res[1][1] and len(res[1][0]) > 10
+    assert res[1] == res[2] == res[3]
+
+
+def test_reader_leaving_early_is_not_an_error(complement_pcap):
+    path, _ = complement_pcap
+    proc = subprocess.run(f"{STREAMTAP} -q -r {path} --workers 2 | head -c 100",
+                          shell=True, capture_output=True, text=True, timeout=60)
+    assert len(proc.stdout) == 100
+    assert "Traceback" not in proc.stderr and proc.stderr == ""
