@@ -316,3 +316,20 @@ def test_reader_leaving_early_is_not_an_error(complement_pcap):
                           shell=True, capture_output=True, text=True, timeout=60)
     assert len(proc.stdout) == 100
     assert "Traceback" not in proc.stderr and proc.stderr == ""
+
+
+def test_payload_channel_reuse(complement_pcap, monkeypatch):
+    """Payloads travel through a memfd the worker starts over once the parent has read it:
+    with a tiny reuse size every batch waits for the acknowledgements, and nothing is lost."""
+    import streamtap.process.offline as offline
+
+    path, conns = complement_pcap
+    cfg = cfgmod.default()
+    one = [to_json(s) for b in Pipeline(str(path), cfg).batches() for s in b]
+    monkeypatch.setattr(offline, "SHM_REUSE", 100)
+    many: list[str] = []
+    stats, err = run_parallel(str(path), cfg, None, 2,
+                              lambda b: many.extend(to_json(s) for s in b))
+    assert err is None and len(one) == conns
+    assert sorted(many) == sorted(one)
+    assert sum(stats["streams"].values()) == conns
