@@ -318,15 +318,19 @@ def test_reader_leaving_early_is_not_an_error(complement_pcap):
     assert "Traceback" not in proc.stderr and proc.stderr == ""
 
 
-def test_payload_channel_reuse(complement_pcap, monkeypatch):
+@pytest.mark.parametrize("in_memory", [0, 16 << 20])
+def test_payload_channel_reuse(complement_pcap, monkeypatch, in_memory):
     """Payloads travel through a memfd the worker starts over once the parent has read it:
-    with a tiny reuse size every batch waits for the acknowledgements, and nothing is lost."""
+    with a tiny reuse size every batch waits for the acknowledgements, and nothing is lost.
+    The complement comes from the parent's one read, or (over the limit) from a second
+    handle in each worker."""
     import streamtap.process.offline as offline
 
     path, conns = complement_pcap
     cfg = cfgmod.default()
     one = [to_json(s) for b in Pipeline(str(path), cfg).batches() for s in b]
     monkeypatch.setattr(offline, "SHM_REUSE", 100)
+    monkeypatch.setattr(offline, "COMPLEMENT_IN_MEMORY", in_memory)
     many: list[str] = []
     stats, err = run_parallel(str(path), cfg, None, 2,
                               lambda b: many.extend(to_json(s) for s in b))

@@ -27,7 +27,7 @@ from streamtap.config import Config
 from streamtap.engine.decode import Decoder, UnsupportedLinkType
 from streamtap.engine.flowtable import CLOSED, FlowTable, Limits
 from streamtap.engine.pcapfmt import META_LEN, CaptureError
-from streamtap.engine.reader import ShardSource, Sources, shard_of
+from streamtap.engine.reader import Batches, ShardSource, Sources, shard_of
 from streamtap.engine.stream import Stream
 
 __all__ = ["ConfigLike", "Pipeline", "Reassembler", "streams_dict"]
@@ -278,10 +278,12 @@ class Pipeline:
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  config: ConfigLike = None, *, bpf: str | None = None,
                  count: int | None = None, summary: bool = False,
-                 shard: tuple[int, int] | None = None) -> None:
-        """`shard` = (n, k): read only shard k of n of one capture file (`ShardSource`), as
-        worker k of n parallel readers does; the reassembler then enforces 1/n of the memory
-        cap, and only shard 0 counts the complement's packets (each is read by every shard)."""
+                 shard: tuple[int, int] | None = None, complement: Batches | None = None,
+                 ) -> None:
+        """`shard` = (n, k): read only shard k of n of one capture file (`ShardSource`, which
+        takes `complement`), as worker k of n parallel readers does; the reassembler then
+        enforces 1/n of the memory cap, and only shard 0 counts the complement's packets
+        (each is read by every shard)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
@@ -290,6 +292,7 @@ class Pipeline:
         if shard is not None and (len(self.paths) != 1 or count is not None):
             raise ValueError("a shard reads one file, without a packet count")
         self.shard = shard
+        self.complement = complement
         self.reassembler = Reassembler(config, summary=summary,
                                        workers=1 if shard is None else shard[0])
         if shard is not None:
@@ -303,7 +306,8 @@ class Pipeline:
         `CaptureError` or `FilterError`."""
         if self.source is None:
             if self.shard is not None:
-                self.source = ShardSource(self.paths[0], self.bpf, *self.shard)
+                self.source = ShardSource(self.paths[0], self.bpf, *self.shard,
+                                          complement=self.complement)
             else:
                 self.source = Sources(self.paths, self.bpf)
 

@@ -49,7 +49,7 @@ from streamtap.engine.pcapng import PcapngReader
 
 __all__ = [
     "COMPLEMENT_FILTER", "CaptureError", "FilterError", "ShardSource", "Source", "open_source",
-    "read", "shard_filter", "shard_of", "with_filter",
+    "read", "read_complement", "shard_filter", "shard_of", "with_filter",
 ]
 
 STDIN = "-"
@@ -556,9 +556,31 @@ def _guarded(src: Source, n: int, errors: list[CaptureError],
         errors.append(e)
 
 
+Batches = list[tuple[int, bytes, bytes]]
+
+
+def read_complement(path: str, bpf: str | None, limit: int) -> Batches | None:
+    """The complement's packets of a file, read once for every shard (a parallel reader's
+    parent does this before its workers start: each libpcap handle costs a read of the whole
+    file). None when they hold more than `limit` bytes, or the file is damaged: then each
+    shard reads them through its own handle."""
+    out: Batches = []
+    size = 0
+    try:
+        with open_source(path, with_filter(bpf, COMPLEMENT_FILTER)) as src:
+            for batch in src.typed_batches():
+                size += len(batch[1]) + len(batch[2])
+                if size > limit:
+                    return None
+                out.append(batch)
+    except CaptureError:
+        return None
+    return out
+
+
 class _Complement:
-    """The complement handle's packets, head first: `find` locates the head in a batch of the
-    shard handle, which reads the same packets (and the shard's) in the file's order."""
+    """The complement's packets, head first: `find` locates the head in a batch of the shard
+    handle, which reads the same packets (and the shard's) in the file's order."""
 
     def __init__(self, batches: Iterator[tuple[int, bytes, bytes]]) -> None:
         self._batches = batches
@@ -614,15 +636,23 @@ class ShardSource:
     complement's (the same packets, in the same order: a packet's class is a function of its
     bytes). Both are opened up front: a bad filter or file fails before any packet is read."""
 
-    def __init__(self, path: str, bpf: str | None, n: int, k: int, batch: int = 4096) -> None:
+    def __init__(self, path: str, bpf: str | None, n: int, k: int, batch: int = 4096,
+                 complement: Batches | None = None) -> None:
+        """`complement`: the complement's packets as `read_complement` returned them (no
+        second handle; none at all: the shard handle reads the shard alone)."""
         self.batch = batch
-        self.shard = open_source(
-            path, with_filter(bpf, f"({shard_filter(n, k)}) or ({COMPLEMENT_FILTER})"))
-        try:
-            self.complement = open_source(path, with_filter(bpf, COMPLEMENT_FILTER))
-        except BaseException:
-            self.shard.close()
-            raise
+        self._given = complement
+        expr = shard_filter(n, k)
+        if complement is None or complement:
+            expr = f"({expr}) or ({COMPLEMENT_FILTER})"
+        self.shard = open_source(path, with_filter(bpf, expr))
+        self.complement: Source | None = None
+        if complement is None:
+            try:
+                self.complement = open_source(path, with_filter(bpf, COMPLEMENT_FILTER))
+            except BaseException:
+                self.shard.close()
+                raise
         self.size = self.shard.size
 
     @property
@@ -631,7 +661,8 @@ class ShardSource:
 
     def close(self) -> None:
         self.shard.close()
-        self.complement.close()
+        if self.complement is not None:
+            self.complement.close()
 
     def __iter__(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
         try:
@@ -642,7 +673,10 @@ class ShardSource:
     def _split(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
         errors: list[CaptureError] = []
         b_errors: list[CaptureError] = []
-        comp = _Complement(_guarded(self.complement, self.batch, b_errors))
+        if self.complement is not None:
+            comp = _Complement(_guarded(self.complement, self.batch, b_errors))
+        else:
+            comp = _Complement(iter(self._given or ()))
         for linktype, data, meta in _guarded(self.shard, self.batch, errors):
             start = 0
             while comp.alive:  # the common case, no complement packet in the batch: one find

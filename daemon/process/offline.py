@@ -2,9 +2,13 @@
 
 Worker k of N opens the file through `Pipeline(shard=(N, k))`: libpcap's BPF keeps the plain
 IPv4/IPv6 TCP packets whose address+port sum is k modulo N (the same sum both ways, so a
-connection stays in one shard), and a second handle reads the complement (VLAN tags, IP
-fragments, IPv6 extension headers, tunnels, other traffic), of which the worker keeps what
-the same sum, computed after a full decode, puts in its shard (DESIGN "Capture").
+connection stays in one shard), and the complement (VLAN tags, IP fragments, IPv6 extension
+headers, tunnels, other traffic), of which the worker keeps what the same sum, computed after
+a full decode, puts in its shard (DESIGN "Capture"). The parent reads the complement once
+before the workers start (up to COMPLEMENT_IN_MEMORY; past it, each worker reads it through a
+second handle) and the workers inherit it; the packets come in the file's order either way.
+
+Streams come back over a pipe, their payloads through a memfd per worker (`_Shipper`).
 
 Workers produce streams; the parent writes them to the sinks, in-process, as the one-worker
 path does. Output order, deterministic for a given N (README "Command line"):
@@ -17,7 +21,8 @@ path does. Output order, deterministic for a given N (README "Command line"):
    it does with one worker); then worker 0's remaining streams (timeouts, then every connection
    still open, "shutdown"), then worker 1's, and so on.
 
-The set of records is the same for any N; only their order depends on N.
+The set of records is the same for any N (README: except parts cut by `part_interval` and
+captures whose time runs backwards); only their order depends on N.
 
 Single-worker cases (`plan`): stdin, several files (merged in timestamp order), `-c COUNT`, a
 FIFO or device, and a link type the shard filters do not compile for.
@@ -37,7 +42,7 @@ from streamtap.config import Config
 from streamtap.engine.decode import UnsupportedLinkType
 from streamtap.engine.pcapfmt import CaptureError, FilterError
 from streamtap.engine.pipeline import Pipeline
-from streamtap.engine.reader import STDIN, ShardSource, open_source
+from streamtap.engine.reader import STDIN, Batches, ShardSource, open_source, read_complement
 from streamtap.engine.stream import Stream
 from streamtap.errors import Error
 
@@ -47,9 +52,12 @@ INF = float("inf")
 # Payloads travel through a memfd per worker, not the pipe: one copy in (pwritev), one out
 # (pread), against five through pickle and a pipe (measured on the 150 k-packet capture: 120 µs
 # per stream through the pipe). The worker reuses the file from its start once the parent has
-# acknowledged every message written since, so it holds about this much at most (plus one
-# batch's payloads when a batch is larger).
-SHM_REUSE = 64 << 20
+# acknowledged every message written since, so it holds about this much (a larger batch
+# grows it for as long as it takes to read).
+SHM_REUSE = 8 << 20
+# The parent reads the complement once, up to this much, for every worker (each libpcap handle
+# reads the whole file in 4 KiB reads: a second handle per worker doubled the read syscalls).
+COMPLEMENT_IN_MEMORY = 16 << 20
 IOV_MAX = 1024  # os.pwritev takes at most this many buffers per call (Linux UIO_MAXIOV)
 
 
@@ -125,6 +133,8 @@ class _Shipper:
         size = sum(len(s.client_data) + len(s.server_data) for s in streams)
         if self.off and self.off + size > SHM_REUSE:
             self._drain(True)  # every earlier message read: start the file over
+            if self.off > 2 * SHM_REUSE:
+                os.ftruncate(fd, SHM_REUSE)  # a large batch's pages go back to the system
             self.off = 0
         off = self.off
         bufs: list[bytes] = []
@@ -150,11 +160,11 @@ class _Shipper:
 
 
 def _worker(conn: Any, path: str, cfg: Config, bpf: str | None, n: int, k: int,
-            shm: int | None = None) -> None:
+            shm: int | None = None, complement: Batches | None = None) -> None:
     """Worker k: stream messages ("streams", watermark, [Stream]), then ("read", latest time),
     waits for the time to end at, then ("streams", inf, ...) and ("done", stats, error)."""
     error: str | None = None
-    pipe = Pipeline(path, cfg, bpf=bpf, shard=(n, k))
+    pipe = Pipeline(path, cfg, bpf=bpf, shard=(n, k), complement=complement)
     reading = True
     ship = _Shipper(conn, shm)
 
@@ -182,11 +192,12 @@ def _worker(conn: Any, path: str, cfg: Config, bpf: str | None, n: int, k: int,
 
 class _Worker:
     def __init__(self, ctx: Any, path: str, cfg: Config, bpf: str | None, n: int,
-                 k: int, shm: bool) -> None:
+                 k: int, shm: bool, complement: Batches | None) -> None:
         self.conn, child = ctx.Pipe()
         # a forked child inherits the memfd; a forkserver's would need it passed: pipe only
         self.shm = os.memfd_create(f"streamtap-offline-{k}") if shm else None
-        self.proc = ctx.Process(target=_worker, args=(child, path, cfg, bpf, n, k, self.shm),
+        self.proc = ctx.Process(target=_worker,
+                                args=(child, path, cfg, bpf, n, k, self.shm, complement),
                                 name=f"streamtap-offline-{k}", daemon=True)
         self.proc.start()
         child.close()
@@ -239,10 +250,11 @@ def run_parallel(path: str, cfg: Config, bpf: str | None, n: int,
     method = "fork" if threading.active_count() == 1 else "forkserver"
     ctx = multiprocessing.get_context(method)
     shm = method == "fork" and hasattr(os, "memfd_create")
+    complement = read_complement(path, bpf, COMPLEMENT_IN_MEMORY)
     workers: list[_Worker] = []
     try:
         for k in range(n):
-            workers.append(_Worker(ctx, path, cfg, bpf, n, k, shm))
+            workers.append(_Worker(ctx, path, cfg, bpf, n, k, shm, complement))
         heads = [w.recv() for w in workers]
         # phase 1: merge by (watermark, worker) while every worker is reading
         while True:
