@@ -337,3 +337,25 @@ def test_payload_channel_reuse(complement_pcap, monkeypatch, in_memory):
     assert err is None and len(one) == conns
     assert sorted(many) == sorted(one)
     assert sum(stats["streams"].values()) == conns
+
+
+def test_forkserver_when_a_thread_runs(complement_pcap):
+    """With a thread running, fork is unsafe: the workers come from a forkserver, get their
+    arguments pickled and send payloads through the pipe. Same records."""
+    import threading
+
+    path, conns = complement_pcap
+    cfg = cfgmod.default()
+    one = [to_json(s) for b in Pipeline(str(path), cfg).batches() for s in b]
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        many: list[str] = []
+        _, err = run_parallel(str(path), cfg, None, 2,
+                              lambda b: many.extend(to_json(s) for s in b))
+    finally:
+        stop.set()
+        thread.join()
+    assert err is None and len(many) == conns
+    assert sorted(many) == sorted(one)
