@@ -184,12 +184,15 @@ def streamtap_cli() -> str:
     return shutil.which("streamtap") or str(exe)
 
 
-def bench_cli(pcap: str) -> Run:
+def bench_cli(pcap: str, workers: int | None = None) -> Run:
+    """The CLI writing JSON Lines to tmpfs; `workers` None = its default (one per core)."""
     fd, sink = tempfile.mkstemp(prefix="streamtap-bench-", suffix=".jsonl", dir=TMPFS)
     os.close(fd)
     os.unlink(sink)  # let the CLI create it
     try:
         cmd = [streamtap_cli(), "-r", pcap, "--sink", f"jsonl:{sink}"]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
         wall, rss, rc, _, err, user, system = run_child(cmd)
         if rc != 0:
             raise ToolError(_error(rc, err))
@@ -354,7 +357,13 @@ def benchmark(pcap: str, packets: int | None, repeat: int, tools: list[str]) -> 
         ),
         "streamtap CLI": (
             bench_cli,
-            f"streamtap -r {pcap} --sink jsonl:{TMPFS}/<tmp>.jsonl",
+            f"streamtap -r {pcap} --sink jsonl:{TMPFS}/<tmp>.jsonl (default workers: one per "
+            "core)",
+            "records",
+        ),
+        "streamtap CLI 1 worker": (
+            lambda p: bench_cli(p, 1),
+            f"streamtap -r {pcap} --workers 1 --sink jsonl:{TMPFS}/<tmp>.jsonl",
             "records",
         ),
     }
@@ -510,15 +519,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1, help="generated capture: seed")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per run (600)")
     ap.add_argument("--keep", action="store_true", help="keep the generated capture")
-    ap.add_argument("--tools", default="tcpflow,dpkt,library,cli",
-                    help="comma-separated subset of tcpflow,dpkt,library,cli (the dpkt "
+    ap.add_argument("--tools", default="tcpflow,dpkt,library,cli,cli1",
+                    help="comma-separated subset of tcpflow,dpkt,library,cli,cli1 (cli: the "
+                         "default workers, one per core; cli1: --workers 1; the dpkt "
                          "reassembler runs on the first capture only)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
     TIMEOUT = max(1, args.timeout)
     names = {"tcpflow": "tcpflow", "dpkt": "dpkt reassembler", "library": "streamtap library",
-             "cli": "streamtap CLI"}
+             "cli": "streamtap CLI", "cli1": "streamtap CLI 1 worker"}
     try:
         tools = [names[t.strip()] for t in args.tools.split(",") if t.strip()]
     except KeyError as e:

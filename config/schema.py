@@ -211,7 +211,8 @@ class CaptureConfig:
     workers: int = setting(
         0,
         help="Worker processes (capture shards); 0 = one per CPU core. 1 runs the worker loop "
-        "inside the supervisor.",
+        "inside the supervisor. Applies to -r of one file too (BPF shard filters; stdin, "
+        "several files and -c read with one).",
     )
     fanout_group: int | None = setting(
         None,

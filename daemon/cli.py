@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsonl:PATH|- , pcap:DIR, files:DIR or couchdb:URL; repeatable; "
                    "replaces the config's sinks")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes (shards); default one per core for -i")
+                   help="worker processes (shards); default one per core, for -i and for -r "
+                   "of one file (stdin, several files and -c read with one)")
     p.add_argument("--control-socket", metavar="PATH", help="control API unix socket")
     p.add_argument("--check-config", action="store_true",
                    help="validate, print the effective config as YAML, exit 0 (or 2)")
@@ -185,9 +186,21 @@ def run_offline(args: argparse.Namespace, cfg: Config) -> int:
     from streamtap.engine.decode import UnsupportedLinkType
     from streamtap.engine.pipeline import Pipeline
     from streamtap.engine.reader import CaptureError, FilterError
+    from streamtap.process.offline import plan, workers_for
 
+    bpf = cfg.capture.filter or None
+    try:
+        nworkers = plan(args.read, bpf, workers_for(cfg), args.count)
+    except FilterError as e:
+        print(f"streamtap: bad filter expression: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except CaptureError as e:
+        print(f"streamtap: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if nworkers > 1:
+        return _run_parallel(args, cfg, nworkers)
     sinks = build_sinks(cfg)
-    pipe = Pipeline(args.read, cfg, bpf=cfg.capture.filter or None, count=args.count)
+    pipe = Pipeline(args.read, cfg, bpf=bpf, count=args.count)
     started = time.monotonic()
     status = EXIT_OK
     show_progress = not args.quiet and sys.stderr.isatty() and "-" not in args.read
@@ -244,6 +257,47 @@ def run_offline(args: argparse.Namespace, cfg: Config) -> int:
                 pass
     if not args.quiet and status != EXIT_USAGE and (status == EXIT_OK or pipe.packets):
         print(_summary_line(pipe.stats, time.monotonic() - started), file=sys.stderr)
+    return status
+
+
+def _run_parallel(args: argparse.Namespace, cfg: Config, nworkers: int) -> int:
+    """`run_offline` with several worker processes (streamtap.process.offline): the workers
+    reassemble, this process writes to the sinks. No progress bar."""
+    from streamtap.process.offline import ParallelError, run_parallel
+
+    started = time.monotonic()
+    status = EXIT_OK
+    failed: set[int] = set()
+    stats: dict[str, Any] | None = None
+    sinks = build_sinks(cfg)
+
+    def deliver(streams: list) -> None:
+        if streams:
+            write_all(sinks, streams, failed)
+
+    try:
+        open_sinks(sinks)
+        stats, error = run_parallel(args.read[0], cfg, cfg.capture.filter or None, nworkers,
+                                    deliver)
+        if error is not None:
+            print(f"streamtap: {error}", file=sys.stderr)
+            status = EXIT_RUNTIME
+    except (SinkFailure, ParallelError) as e:
+        print(f"streamtap: {e}", file=sys.stderr)
+        status = EXIT_RUNTIME
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        print(f"streamtap: {describe_error(e)}", file=sys.stderr)
+        status = EXIT_RUNTIME
+    finally:
+        for s in sinks:
+            try:
+                s.close()
+            except _sink_errors():
+                pass
+    if not args.quiet and stats is not None:
+        print(_summary_line(stats, time.monotonic() - started), file=sys.stderr)
     return status
 
 

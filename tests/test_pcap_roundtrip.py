@@ -288,6 +288,12 @@ PER_STREAM_EXCEPTIONS = {
     "tcpflow/tests__test5-lines-randomized.pcap": "packets shuffled (timestamps run backwards "
     "inside connections): per-stream files read together are merged by timestamp, which "
     "cannot restore an interleaving that was not in time order",
+    # end of input: time advances to the capture's latest packet before the flush, so a stream
+    # idle past its timeout by then closes "timeout"; its own file ends with its own packets
+    "pcapplusplus/Tests__Packet++Test__PacketExamples__NullLoopback.pcap": "close reason "
+    "timeout -> shutdown: the capture's later packets are not in the stream's own file",
+    "pcapplusplus/Tests__Pcap++Test__PcapExamples__null_loopback.pcap": "as NullLoopback",
+    "suricata-verify/tests__enip-keywords__enip_cip_example.pcap": "as NullLoopback",
 }
 ROTATING_EXCEPTIONS = {
     # (dnp3.pcap was listed as wechat is: its long connection is now emitted in parts at the
@@ -299,6 +305,12 @@ ROTATING_EXCEPTIONS = {
     "back in another order",
     "tcpdump/tests__kday4.pcap": "as kday3",
     "tcpdump/tests__kday7.pcap": "as kday3",
+    # end of input: time advances to the capture's latest packet before the flush; the latest
+    # ones (another connection's, or not TCP) are not written back
+    "pcapplusplus/Tests__Packet++Test__PacketExamples__NullLoopback.pcap": "close reason "
+    "timeout -> shutdown: the packets after the stream's are not in the file read back",
+    "pcapplusplus/Tests__Pcap++Test__PcapExamples__null_loopback.pcap": "as NullLoopback",
+    "suricata-verify/tests__enip-keywords__enip_cip_example.pcap": "as NullLoopback",
 }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import streamtap.config as cfgmod
@@ -27,7 +27,7 @@ from streamtap.config import Config
 from streamtap.engine.decode import Decoder, UnsupportedLinkType
 from streamtap.engine.flowtable import CLOSED, FlowTable, Limits
 from streamtap.engine.pcapfmt import META_LEN, CaptureError
-from streamtap.engine.reader import Sources
+from streamtap.engine.reader import Batches, ShardSource, Sources, shard_of
 from streamtap.engine.stream import Stream
 
 __all__ = ["ConfigLike", "Pipeline", "Reassembler", "streams_dict"]
@@ -65,6 +65,12 @@ class Reassembler:
         self.limits = Limits.from_config(cfg, workers)
         self.table = FlowTable(self.limits, interface=interface)
         self._decoders: dict[int, Decoder] = {}
+        # shard k of n (`feed_complement`): the complement's own decoders, so IP fragments are
+        # reassembled by one decoder; their counters count only where `count_complement`
+        self._cdecoders: dict[int, Decoder] = {}
+        self.shard: tuple[int, int] | None = None
+        self.count_complement = True
+        self.foreign = 0  # complement segments decoded and left to another shard
         # Every completed stream's endpoints, start and bytes, for summary() and get_streams();
         # summary=False keeps nothing (the CLI, the workers: unbounded input).
         self._kept: list[Stream] | None = [] if summary else None
@@ -90,11 +96,12 @@ class Reassembler:
             if f.state != CLOSED:
                 t._set_state(f, f.state)
 
-    def _decoder(self, linktype: int) -> Decoder:
-        d = self._decoders.get(linktype)
+    def _decoder(self, linktype: int, decoders: dict[int, Decoder] | None = None) -> Decoder:
+        decoders = self._decoders if decoders is None else decoders
+        d = decoders.get(linktype)
         if d is None:
             frag = self.config.reassembly.fragments
-            d = self._decoders[linktype] = Decoder(
+            d = decoders[linktype] = Decoder(
                 linktype,
                 frag_max_pending=frag.max_pending,
                 frag_timeout=frag.timeout,
@@ -118,6 +125,30 @@ class Reassembler:
         n = len(meta) // 16
         self.packets += n
         return n
+
+    def feed_complement(self, linktype: int, data: bytes, meta: bytes) -> int:
+        """Shard mode (`shard` = (n, k)): a batch of packets the shard filters cannot place.
+        Each is decoded in full (fragments reassembled, tunnels and tags removed) and kept
+        only if `shard_of` its TCP tuple is k. Returns packets fed."""
+        assert self.shard is not None
+        n, k = self.shard
+        decode = self._decoder(linktype, self._cdecoders).decode
+        held = self.table.frag_frames
+
+        def mine(buf: bytes, off: int, end: int, ts: float) -> tuple | None:
+            dec = decode(buf, off, end, ts)
+            if dec is None or shard_of(dec[1], dec[2], dec[3], dec[4], n) == k:
+                return dec
+            self.foreign += 1
+            held.clear()  # the earlier fragments' frames of a datagram left to another shard
+            return None
+
+        self.table.linktype = linktype
+        self.table.feed(mine, data, meta)
+        count = len(meta) // 16
+        if self.count_complement:
+            self.packets += count
+        return count
 
     def advance(self, now: float) -> None:
         """Move time forward without a packet (live capture on an idle link)."""
@@ -165,17 +196,23 @@ class Reassembler:
         `Reassembler(summary=False)`."""
         return streams_dict(self._kept or ())
 
+    def _counted_decoders(self) -> list[Decoder]:
+        out = list(self._decoders.values())
+        if self.count_complement:
+            out += self._cdecoders.values()
+        return out
+
     @property
     def malformed(self) -> Counter[str]:
         total: Counter[str] = Counter()
-        for d in self._decoders.values():
+        for d in self._counted_decoders():
             total.update(d.malformed)
         return total
 
     @property
     def skipped(self) -> Counter[str]:
         total: Counter[str] = Counter()
-        for d in self._decoders.values():
+        for d in self._counted_decoders():
             total.update(d.skipped)
         return total
 
@@ -240,21 +277,39 @@ class Pipeline:
 
     def __init__(self, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  config: ConfigLike = None, *, bpf: str | None = None,
-                 count: int | None = None, summary: bool = False) -> None:
+                 count: int | None = None, summary: bool = False,
+                 shard: tuple[int, int] | None = None, complement: Batches | None = None,
+                 ) -> None:
+        """`shard` = (n, k): read only shard k of n of one capture file (`ShardSource`, which
+        takes `complement`), as worker k of n parallel readers does; the reassembler then
+        enforces 1/n of the memory cap, and only shard 0 counts the complement's packets
+        (each is read by every shard)."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [os.fspath(p) for p in paths]
         self.bpf = bpf
         self.count = count  # stop after this many packets (tcpdump -c)
-        # one worker reads the files today: it gets the whole memory cap
-        self.reassembler = Reassembler(config, summary=summary, workers=1)
-        self.source: Sources | None = None
+        if shard is not None and (len(self.paths) != 1 or count is not None):
+            raise ValueError("a shard reads one file, without a packet count")
+        self.shard = shard
+        self.complement = complement
+        self.reassembler = Reassembler(config, summary=summary,
+                                       workers=1 if shard is None else shard[0])
+        if shard is not None:
+            self.reassembler.shard = shard
+            self.reassembler.count_complement = shard[1] == 0
+        self.source: Sources | ShardSource | None = None
+        self.last_time: float | None = None  # the latest packet time read (any packet)
 
     def open(self) -> None:
         """Open every capture now (else the first `batches()` step does). Raises
         `CaptureError` or `FilterError`."""
         if self.source is None:
-            self.source = Sources(self.paths, self.bpf)
+            if self.shard is not None:
+                self.source = ShardSource(self.paths[0], self.bpf, *self.shard,
+                                          complement=self.complement)
+            else:
+                self.source = Sources(self.paths, self.bpf)
 
     @property
     def packets(self) -> int:
@@ -263,30 +318,63 @@ class Pipeline:
     @property
     def total_size(self) -> int | None:
         """Bytes of all captures (None when one is not a regular file): for a progress bar."""
+        if isinstance(self.source, ShardSource):
+            return self.source.size
         return self.source.total_size if self.source is not None else None
 
     @property
     def bytes_read(self) -> int:
         return self.source.bytes_read if self.source is not None else 0
 
-    def batches(self) -> Iterator[list[Stream]]:
-        """The streams completed by each capture batch, then the end-of-input flush."""
+    def batches(self, end_time: Callable[[float | None], float | None] | None = None,
+                ) -> Iterator[list[Stream]]:
+        """The streams completed by each capture batch, then the end-of-input flush.
+
+        Before the flush, time advances to the latest packet time read (any packet the filter
+        let through, TCP or not): a stream whose idle timeout passed before the end of the
+        capture closes "timeout", not "shutdown", however the packets were split among
+        shards. `end_time(latest)` may replace that time: a parallel reader's shard gets the
+        latest time of all shards there."""
         self.open()
         assert self.source is not None
         r = self.reassembler
+        sharded = isinstance(self.source, ShardSource)
         try:
-            for linktype, data, meta in self.source:
+            for batch in self.source:
+                linktype, data, meta = batch[:3]
                 if self.count is not None:
                     left = self.count - r.packets
                     if left <= 0:
                         break
                     if len(meta) // META_LEN > left:
                         meta = meta[: left * META_LEN]
-                r.feed_batch(linktype, data, meta)
+                self._see_time(meta)
+                if sharded and batch[3]:  # type: ignore[misc]
+                    r.feed_complement(linktype, data, meta)
+                else:
+                    r.feed_batch(linktype, data, meta)
                 yield r.completed()
         except (CaptureError, UnsupportedLinkType):
-            yield from r.flush_batches()  # what was read before the damage is still the user's
+            yield from self._end(end_time)  # what was read before the damage is the user's
             raise
+        yield from self._end(end_time)
+
+    def _see_time(self, meta: bytes) -> None:
+        if not meta:
+            return
+        words = memoryview(meta).cast("I")
+        sec, usec = max(zip(words[0::4], words[1::4], strict=True))
+        t = sec + usec * 1e-6
+        if self.last_time is None or t > self.last_time:
+            self.last_time = t
+
+    def _end(self, end_time: Callable[[float | None], float | None] | None,
+             ) -> Iterator[list[Stream]]:
+        last = self.last_time if end_time is None else end_time(self.last_time)
+        r = self.reassembler
+        if last is not None:
+            r.advance(last)
+            yield r.completed()
         yield from r.flush_batches()
 
     def flush(self) -> list[Stream]:

@@ -47,7 +47,10 @@ from streamtap.engine.pcapfmt import (
 )
 from streamtap.engine.pcapng import PcapngReader
 
-__all__ = ["CaptureError", "FilterError", "Source", "open_source", "read"]
+__all__ = [
+    "COMPLEMENT_FILTER", "CaptureError", "FilterError", "ShardSource", "Source", "open_source",
+    "read", "read_complement", "shard_filter", "shard_of", "with_filter",
+]
 
 STDIN = "-"
 STDIN_NAME = "<stdin>"
@@ -501,3 +504,196 @@ def read(paths: Sequence[str], bpf: str | None = None,
     as notes).
     """
     yield from Sources(paths, bpf, n)
+
+
+# --------------------------------------------------------------------------- shards
+# DESIGN "Capture": worker k of N reads one shard of a file. The BPF sum of addresses and ports
+# is the same both ways, so a connection stays in one shard. Packets the expressions cannot
+# place (VLAN/QinQ tags, IPv4 fragments (first pieces too, so one decoder sees a whole
+# datagram), IPv6 extension headers, tunnels, anything not TCP) form the complement: every
+# worker reads it through a second handle, decodes it fully and keeps what `shard_of` puts in
+# its shard (`Reassembler.feed_complement`).
+
+_PLAIN4 = "ip and tcp and ip[6:2] & 0x3fff = 0"
+_PLAIN6 = "ip6 and ip6[6] = 6"
+_SUM4 = "ip[12:4] + ip[16:4] + tcp[0:2] + tcp[2:2]"
+_SUM6 = " + ".join([f"ip6[{o}:4]" for o in range(8, 40, 4)] + ["ip6[40:2]", "ip6[42:2]"])
+
+
+def shard_filter(n: int, k: int) -> str:
+    """The BPF expression of shard k of n: plain IPv4/IPv6 TCP whose address+port sum (32-bit,
+    wrapping, as BPF adds) is k modulo n."""
+    if not 0 <= k < n:
+        raise ValueError(f"shard {k} of {n}")
+    return f"({_PLAIN4} and ({_SUM4}) % {n} = {k}) or ({_PLAIN6} and ({_SUM6}) % {n} = {k})"
+
+
+COMPLEMENT_FILTER = f"not (({_PLAIN4}) or ({_PLAIN6}))"
+
+
+def with_filter(user: str | None, expr: str) -> str:
+    """`(user) and (expr)`: the user's filter still decides what is read at all."""
+    return f"({user}) and ({expr})" if user else expr
+
+
+_U32 = struct.Struct(">4I")
+
+
+def shard_of(src: bytes, dst: bytes, sport: int, dport: int, n: int) -> int:
+    """`shard_filter`'s sum for a decoded segment (packed addresses): its shard of n."""
+    if len(src) == 4:
+        total = int.from_bytes(src, "big") + int.from_bytes(dst, "big")
+    else:
+        total = sum(_U32.unpack(src)) + sum(_U32.unpack(dst))
+    return ((total + sport + dport) & 0xFFFFFFFF) % n
+
+
+def _guarded(src: Source, n: int, errors: list[CaptureError],
+             ) -> Iterator[tuple[int, bytes, bytes]]:
+    try:
+        yield from src.typed_batches(n)
+    except CaptureError as e:
+        errors.append(e)
+
+
+Batches = list[tuple[int, bytes, bytes]]
+
+
+def read_complement(path: str, bpf: str | None, limit: int) -> Batches | None:
+    """The complement's packets of a file, read once for every shard (a parallel reader's
+    parent does this before its workers start: each libpcap handle costs a read of the whole
+    file). None when they hold more than `limit` bytes, or the file is damaged: then each
+    shard reads them through its own handle."""
+    out: Batches = []
+    size = 0
+    try:
+        with open_source(path, with_filter(bpf, COMPLEMENT_FILTER)) as src:
+            for batch in src.typed_batches():
+                size += len(batch[1]) + len(batch[2])
+                if size > limit:
+                    return None
+                out.append(batch)
+    except CaptureError:
+        return None
+    return out
+
+
+class _Complement:
+    """The complement's packets, head first: `find` locates the head in a batch of the shard
+    handle, which reads the same packets (and the shard's) in the file's order."""
+
+    def __init__(self, batches: Iterator[tuple[int, bytes, bytes]]) -> None:
+        self._batches = batches
+        self.data, self.meta, self.i = b"", b"", 0
+        self.alive = True
+        self._needle, self._caplen, self._packet = b"", 0, b""
+        self._load()
+
+    def _load(self) -> None:
+        for _linktype, data, meta in self._batches:
+            if meta:
+                self.data, self.meta, self.i = data, meta, 0
+                self._head()
+                return
+        self.alive = False
+
+    def _head(self) -> None:
+        sec, usec, off, caplen = META.unpack_from(self.meta, self.i)
+        self._needle = self.meta[self.i:self.i + 8]  # (sec, usec) as the meta record packs them
+        self._caplen = caplen
+        self._packet = self.data[off:off + caplen]
+
+    def advance(self) -> None:
+        self.i += META_LEN
+        if self.i >= len(self.meta):
+            self._load()
+        else:
+            self._head()
+
+    def matches(self, data: bytes, meta: bytes, j: int) -> bool:
+        """Is the record at byte `j` of `meta` the head (same time, length and bytes)?"""
+        if meta[j:j + 8] != self._needle:
+            return False
+        _sec, _usec, off, caplen = META.unpack_from(meta, j)
+        return caplen == self._caplen and data[off:off + caplen] == self._packet
+
+    def find(self, data: bytes, meta: bytes, pos: int) -> int:
+        """Byte offset in `meta` of the head's record at or after `pos`, or -1."""
+        j = meta.find(self._needle, pos)
+        while j >= 0:
+            if j % META_LEN == 0 and self.matches(data, meta, j):
+                return j
+            j = meta.find(self._needle, j + 1)
+        return -1
+
+
+class ShardSource:
+    """Shard k of n of one capture file: `(linktype, data, meta, complement)` batches in the
+    file's order, the shard's packets (`complement` False) and those of the complement (True).
+
+    One handle reads `(user) and (shard or complement)`: every packet this worker needs, in
+    order; a second reads `(user) and complement`, which tells which of them are the
+    complement's (the same packets, in the same order: a packet's class is a function of its
+    bytes). Both are opened up front: a bad filter or file fails before any packet is read."""
+
+    def __init__(self, path: str, bpf: str | None, n: int, k: int, batch: int = 4096,
+                 complement: Batches | None = None) -> None:
+        """`complement`: the complement's packets as `read_complement` returned them (no
+        second handle; none at all: the shard handle reads the shard alone)."""
+        self.batch = batch
+        self._given = complement
+        expr = shard_filter(n, k)
+        if complement is None or complement:
+            expr = f"({expr}) or ({COMPLEMENT_FILTER})"
+        self.shard = open_source(path, with_filter(bpf, expr))
+        self.complement: Source | None = None
+        if complement is None:
+            try:
+                self.complement = open_source(path, with_filter(bpf, COMPLEMENT_FILTER))
+            except BaseException:
+                self.shard.close()
+                raise
+        self.size = self.shard.size
+
+    @property
+    def bytes_read(self) -> int:
+        return self.shard.bytes_read
+
+    def close(self) -> None:
+        self.shard.close()
+        if self.complement is not None:
+            self.complement.close()
+
+    def __iter__(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
+        try:
+            yield from self._split()
+        finally:
+            self.close()
+
+    def _split(self) -> Iterator[tuple[int, bytes, bytes, bool]]:
+        errors: list[CaptureError] = []
+        b_errors: list[CaptureError] = []
+        if self.complement is not None:
+            comp = _Complement(_guarded(self.complement, self.batch, b_errors))
+        else:
+            comp = _Complement(iter(self._given or ()))
+        for linktype, data, meta in _guarded(self.shard, self.batch, errors):
+            start = 0
+            while comp.alive:  # the common case, no complement packet in the batch: one find
+                i = comp.find(data, meta, start)
+                if i < 0:
+                    break
+                if i > start:
+                    yield linktype, data, meta[start:i], False
+                j = i + META_LEN
+                comp.advance()
+                while j < len(meta) and comp.alive and comp.matches(data, meta, j):
+                    j += META_LEN
+                    comp.advance()
+                yield linktype, data, meta[i:j], True
+                start = j
+            if start < len(meta):
+                yield linktype, data, meta[start:], False
+        errors.extend(b_errors)
+        if errors:
+            raise errors[0]
