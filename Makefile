@@ -85,8 +85,12 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 # the README's configuration table, from config/schema.py (tests/test_readme.py checks it)
+# everything generated from the schema: the README's tables and the shipped default.yaml
 readme: venv
 	$(PY) tests/readme_config.py --write
+	$(PY) -c 'from streamtap import config; from streamtap.sinks.registry import sink_types; \
+	    open("config/default.yaml", "w").write(config.dump(config.default(), comments=True, \
+	    sink_types=sink_types()))'
 
 # dpkt: the reference reassembler bench/offline.py compares with (the `bench` extra)
 bench: deps $(VENV)/.bench
