@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cython
+
 from streamtap.config import Config
 from streamtap.engine import reassembly as ra
 from streamtap.engine.decode import TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG
-from streamtap.engine.pcapfmt import META
-from streamtap.engine.reassembly import MASK32, UNLIMITED, Half
+from streamtap.engine.pcapfmt import META, META_LEN
+from streamtap.engine.reassembly import MASK32, UNLIMITED
 from streamtap.engine.stream import Stream
 from streamtap.engine.wheel import TimerEntry, TimerWheel
 
@@ -93,6 +95,51 @@ class Limits:
             memory=lim.memory, workers=max(1, workers),
             part_bytes=r.part_bytes, part_interval=r.part_interval,
         )
+
+
+class Half:
+    """One direction: what the sender of these packets sent, as the receiver would read it."""
+
+    __slots__ = (
+        "flow", "peer", "is_client", "ip", "port",
+        "next", "off", "buf", "room", "ooo", "ooo_bytes", "gaps",
+        "isn", "syn", "fin", "fin_off", "rst", "packets", "seen",
+        "retrans", "overlaps", "depth_dropped", "late", "base", "pbase", "pkt0",
+    )
+
+    def __init__(self, ip: bytes, port: int, room: int) -> None:
+        self.ip = ip
+        self.port = port
+        # Both set right after construction (flowtable.FlowTable._new_flow); typed Any because
+        # the hot path dereferences them without a None check.
+        self.flow: Any = None
+        self.peer: Any = None
+        self.is_client = False
+        self.next = -1          # next expected 32-bit seq; -1 = nothing seen yet
+        self.off = 0            # 64-bit offset of `next`
+        self.buf = bytearray()
+        self.room = room        # bytes left before the depth limit
+        # sorted [offset, bytes, missing_tail] blocks, non-overlapping; and the skipped holes,
+        # (offset, length, buf position). Both start as the shared empty tuple and become lists
+        # when first needed: most directions never hold either (a flow costs less)
+        self.ooo: Any = ()
+        self.ooo_bytes = 0
+        self.gaps: Any = ()
+        self.isn = -1
+        self.syn = False
+        self.fin = False
+        self.fin_off = -1
+        self.rst = False
+        self.packets = 0
+        self.seen = 0           # bitmask of history letters already recorded
+        self.retrans = 0        # bytes that repeated data already held
+        self.overlaps = 0       # segments whose bytes conflicted with bytes already held
+        self.depth_dropped = 0
+        self.late = 0           # bytes that filled a range already skipped as a gap
+        # parts (DESIGN "Parts"): `buf` holds only the current part; these say where it starts
+        self.base = 0           # delivered bytes emitted in earlier parts (the part's offset)
+        self.pbase = 0          # sequence-space offset where the current part starts
+        self.pkt0 = 0           # packets counted in earlier parts
 
 
 class Embryo:
@@ -222,14 +269,23 @@ class FlowTable:
 
     # -- the hot path -------------------------------------------------------------------------
 
+    @cython.locals(
+        nrec=cython.Py_ssize_t, i=cython.Py_ssize_t, mi=cython.p_uint, mp=cython.p_uchar,
+        sec=cython.double, usec=cython.double, off=cython.Py_ssize_t, caplen=cython.Py_ssize_t,
+        end=cython.Py_ssize_t, ts=cython.double, next_adv=cython.double, seq=cython.longlong,
+        ack=cython.longlong, flags=cython.int, missing=cython.longlong, n=cython.longlong,
+        mem=cython.longlong, mem_cap=cython.longlong, part_max=cython.longlong,
+        keep=cython.bint, h=Half, f=Flow, mask=cython.longlong,
+    )
     def feed(self, decode: Callable, data: bytes, meta: bytes) -> None:
         """A capture batch: `meta` holds (sec, usec, offset, caplen) records into `data`, and
         `decode(data, start, end, ts)` turns a frame into a TCP tuple (or None).
 
         This loop is the fast path of the whole program, so it is written flat on purpose:
         attributes hoisted into locals, the in-order append inlined, and everything rare
-        (handshake, FIN/RST, retransmission, out of order, new flows) sent to `_slow` or
-        `_data`. Those may change `_next_advance`, hence the reloads after them.
+        (handshake, FIN/RST, retransmission, out of order, new flows, embryos) sent to `_slow`
+        or `_data`. Those may change `_next_advance`, hence the reloads after them. Compiled,
+        the halves and flows are C structs and the batch's records are read in place.
         """
         flows_get = self.flows.get
         slow = self._slow
@@ -238,8 +294,22 @@ class FlowTable:
         mem_cap = self.mem_cap
         part_max = self.part_max
         next_adv = self._next_advance
-        bit_a, bit_d, mask = BIT_A, BIT_D, MASK32
-        for sec, usec, off, caplen in META.iter_unpack(meta):
+        mask = MASK32
+        nrec = len(meta) // META_LEN
+        unpack = META.unpack_from
+        if cython.compiled:
+            if type(meta) is not bytes:
+                meta = bytes(meta)
+            mp = meta
+            mi = cython.cast(cython.p_uint, mp)
+        for i in range(nrec):
+            if cython.compiled:
+                sec = mi[4 * i]
+                usec = mi[4 * i + 1]
+                off = mi[4 * i + 2]
+                caplen = mi[4 * i + 3]
+            else:
+                sec, usec, off, caplen = unpack(meta, i * META_LEN)
             ts = sec + usec * 1e-6
             end = off + caplen
             dec = decode(data, off, end, ts)
@@ -249,11 +319,12 @@ class FlowTable:
                 self.advance(ts)
                 next_adv = self._next_advance
             _v, src, dst, sport, dport, seq, ack, flags, _win, payload, missing, _o = dec
-            h = flows_get((src, sport, dst, dport))
-            if h is None or flags & 0x07 or missing:
-                slow(ts, dec, h, data[off:end] if keep else None)
+            o = flows_get((src, sport, dst, dport))
+            if o is None or flags & 0x07 or missing or type(o) is Embryo:
+                slow(ts, dec, o, data[off:end] if keep else None)
                 next_adv = self._next_advance
                 continue
+            h = o
             f = h.flow
             if ts - f.last >= f.timeout:
                 slow(ts, dec, h, data[off:end] if keep else None)
@@ -287,13 +358,13 @@ class FlowTable:
                 else:
                     self._data(h, seq, payload, 0)
                     next_adv = self._next_advance
-                if not h.seen & bit_d:
+                if not h.seen & BIT_D:
                     self.letter(h, "D")
                 if h.next < 0:
                     h.next = (seq + n) & mask
                     h.off = n
             else:
-                if not h.seen & bit_a and flags & 0x10:
+                if not h.seen & BIT_A and flags & 0x10:
                     self.letter(h, "A")
                 if h.next < 0:
                     h.next = seq
@@ -347,7 +418,7 @@ class FlowTable:
         if len(h.buf) >= self.part_max:
             self._part(f, f.last)
 
-    def _slow(self, ts: float, dec: tuple, h: Half | None, frame: bytes | None) -> None:
+    def _slow(self, ts: float, dec: tuple, h: Half | Embryo | None, frame: bytes | None) -> None:
         version, src, dst, sport, dport, seq, ack, flags, win, payload, missing, _o = dec
         if h is None:
             # the answer to a flow seen as one SYN: its key is the other direction's
