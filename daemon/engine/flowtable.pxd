@@ -18,7 +18,10 @@ cdef class Half:
     cdef public int seen
 
 cdef class Embryo:
-    cdef public object key
+    # no field can hold a reference cycle (bytes and numbers): Cython leaves the type untracked
+    cdef public bytes src, dst
+    cdef public int sport, dport
+    cdef public bint live
     cdef public double first
     cdef public long long isn
     cdef public int linktype
