@@ -34,3 +34,27 @@ cdef class Flow:
     cdef public str reason, hist, rule
     cdef public bint trunc
     cdef public long long part
+
+cdef class FlowTable:
+    cdef public dict flows
+    cdef public object limits, emit, done, interface, embryos, _servers, wheel, _due
+    cdef public object stats, frag_frames, normal_timeouts, timeouts
+    cdef public long long nflows, mem, gap_bytes, ooo_limit, mem_cap, max_flows, depth, part_max
+    cdef public bint emergency, last, embryo_ok
+    cdef public double now, _next_advance, part_interval
+    cdef public int linktype
+    # what the batch loop and the per-flow paths call: C calls, not attribute lookups
+    cpdef letter(self, Half h, str ch)
+    cpdef _data(self, Half h, long long seq, bytes payload, long long missing)
+    cpdef _slow(self, double ts, tuple dec, object h, object frame)
+    cpdef advance(self, double now)
+    cpdef _set_state(self, Flow f, int state, object timeout=*)
+    cpdef double _deadline(self, Flow f)
+    cpdef _part(self, Flow f, double now)
+    cpdef _new_embryo(self, double ts, tuple key, long long isn)
+    cpdef _hatch(self, Embryo e)
+    cpdef _close_embryo(self, Embryo e, str reason)
+    cpdef _new_flow(self, double ts, int version, bytes src, object sport, bytes dst,
+                    object dport, int flags, bint hatch=*)
+    cpdef _close(self, Flow f, str reason)
+    cpdef _stream(self, Flow f, str reason)

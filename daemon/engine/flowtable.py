@@ -1,3 +1,5 @@
+# cython: annotation_typing=False
+# (flowtable.pxd types the compiled module; the annotations here are for mypy and readers)
 """The flow table of one shard: connection lookup, TCP state, close, timeouts and limits.
 
 Every capture batch goes through `FlowTable.feed`, whose loop is the hot path (DESIGN "Capture":
@@ -285,7 +287,8 @@ class FlowTable:
         end=cython.Py_ssize_t, ts=cython.double, next_adv=cython.double, seq=cython.longlong,
         ack=cython.longlong, flags=cython.int, missing=cython.longlong, n=cython.longlong,
         mem=cython.longlong, mem_cap=cython.longlong, part_max=cython.longlong,
-        keep=cython.bint, h=Half, f=Flow, mask=cython.longlong,
+        keep=cython.bint, h=Half, f=Flow, mask=cython.longlong, dec=tuple, bit_a=cython.int,
+        bit_d=cython.int, handshake=cython.int, established=cython.int,
     )
     def feed(self, decode: Callable, data: bytes, meta: bytes) -> None:
         """A capture batch: `meta` holds (sec, usec, offset, caplen) records into `data`, and
@@ -297,14 +300,15 @@ class FlowTable:
         or `_data`. Those may change `_next_advance`, hence the reloads after them. Compiled,
         the halves and flows are C structs and the batch's records are read in place.
         """
-        flows_get = self.flows.get
-        slow = self._slow
+        flows: dict = self.flows
         keep = self.limits.keep_packets
         held = self.frag_frames
         mem_cap = self.mem_cap
         part_max = self.part_max
         next_adv = self._next_advance
         mask = MASK32
+        bit_a, bit_d = BIT_A, BIT_D
+        handshake, established = HANDSHAKE, ESTABLISHED
         nrec = len(meta) // META_LEN
         unpack = META.unpack_from
         if cython.compiled:
@@ -329,15 +333,15 @@ class FlowTable:
                 self.advance(ts)
                 next_adv = self._next_advance
             _v, src, dst, sport, dport, seq, ack, flags, _win, payload, missing, _o = dec
-            o = flows_get((src, sport, dst, dport))
+            o = flows.get((src, sport, dst, dport))
             if o is None or flags & 0x07 or missing or type(o) is Embryo:
-                slow(ts, dec, o, data[off:end] if keep else None)
+                self._slow(ts, dec, o, data[off:end] if keep else None)
                 next_adv = self._next_advance
                 continue
             h = o
             f = h.flow
             if ts - f.last >= f.timeout:
-                slow(ts, dec, h, data[off:end] if keep else None)
+                self._slow(ts, dec, h, data[off:end] if keep else None)
                 next_adv = self._next_advance
                 continue
             f.last = ts
@@ -349,8 +353,8 @@ class FlowTable:
             if flags & 0x10:  # ACK
                 if h.peer.ooo:
                     ra.ack_passed(h.peer, ack, self)
-                if f.state == HANDSHAKE and h.next >= 0:
-                    self._set_state(f, ESTABLISHED)
+                if f.state == handshake and h.next >= 0:
+                    self._set_state(f, established)
                     next_adv = self._next_advance
             if payload:
                 n = len(payload)
@@ -368,13 +372,13 @@ class FlowTable:
                 else:
                     self._data(h, seq, payload, 0)
                     next_adv = self._next_advance
-                if not h.seen & BIT_D:
+                if not h.seen & bit_d:
                     self.letter(h, "D")
                 if h.next < 0:
                     h.next = (seq + n) & mask
                     h.off = n
             else:
-                if not h.seen & BIT_A and flags & 0x10:
+                if not h.seen & bit_a and flags & 0x10:
                     self.letter(h, "A")
                 if h.next < 0:
                     h.next = seq
@@ -850,7 +854,7 @@ class FlowTable:
         self.stats["gaps"] += len(gaps)
         # counted at emit, not when skipped: a hole may still be filled late until then, and a
         # Prometheus counter must not go down
-        self.gap_bytes += sum(n for _, n, _ in gaps)
+        self.gap_bytes += sum([g[1] for g in gaps])
         stream = Stream(
             client=(_ip(c.ip), c.port),
             server=(_ip(s.ip), s.port),
