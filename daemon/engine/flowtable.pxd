@@ -4,6 +4,9 @@
 # field is public: the rare paths in reassembly.py (a module of its own) and the tests reach
 # them as Python attributes.
 
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(object op)
+
 cdef class Half:
     cdef public Flow flow
     cdef public Half peer
