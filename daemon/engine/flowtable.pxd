@@ -7,6 +7,8 @@
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(object op)
 
+cpdef str _ip(bytes b)
+
 cdef class Half:
     cdef public Flow flow
     cdef public Half peer

@@ -205,7 +205,11 @@ class Flow:
 
 
 def _ip(b: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
+    """The address as text. IPv4 is formatted here (inet_ntop's dotted quad exactly): twice
+    per stream, a SYN flood's half a million streams felt the call."""
+    if len(b) == 4:
+        return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
+    return socket.inet_ntop(socket.AF_INET6, b)
 
 
 ALWAYS_REPORTED = ("flows", "empty_dropped", "gaps", "memory_limit_hits", "depth_dropped_bytes",
