@@ -1,26 +1,15 @@
 # Cython declarations for flowtable.py (pure-Python mode: this file augments the .py when it is
 # compiled; the .py alone is the reference engine). The per-flow structs are C extension types,
-# so the batch loop in FlowTable.feed reads and writes their fields as C struct members. Every
-# field is public: the rare paths in reassembly.py (a module of its own) and the tests reach
-# them as Python attributes.
+# so the batch loop in FlowTable.feed reads and writes their fields as C struct members (Half,
+# one direction, is reassembly's). Every field is public: the tests and the Python engine
+# reach them as attributes.
+
+from streamtap.engine.reassembly cimport Half
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(object op)
 
 cpdef str _ip(bytes b)
-
-cdef class Half:
-    cdef public Flow flow
-    cdef public Half peer
-    cdef public bint is_client
-    cdef public bytes ip
-    cdef public int port
-    cdef public long long next, off, room, ooo_bytes, isn, fin_off, packets
-    cdef public long long retrans, overlaps, depth_dropped, late, base, pbase, pkt0
-    cdef public bytearray buf
-    cdef public object ooo, gaps
-    cdef public bint syn, fin, rst
-    cdef public int seen
 
 cdef class Embryo:
     # no field can hold a reference cycle (bytes and numbers): Cython leaves the type untracked

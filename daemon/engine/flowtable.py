@@ -25,7 +25,7 @@ from streamtap.config import Config
 from streamtap.engine import reassembly as ra
 from streamtap.engine.decode import TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG
 from streamtap.engine.pcapfmt import META, META_LEN
-from streamtap.engine.reassembly import MASK32, UNLIMITED
+from streamtap.engine.reassembly import MASK32, UNLIMITED, Half
 from streamtap.engine.stream import Stream
 from streamtap.engine.wheel import TimerEntry, TimerWheel
 
@@ -97,51 +97,6 @@ class Limits:
             memory=lim.memory, workers=max(1, workers),
             part_bytes=r.part_bytes, part_interval=r.part_interval,
         )
-
-
-class Half:
-    """One direction: what the sender of these packets sent, as the receiver would read it."""
-
-    __slots__ = (
-        "flow", "peer", "is_client", "ip", "port",
-        "next", "off", "buf", "room", "ooo", "ooo_bytes", "gaps",
-        "isn", "syn", "fin", "fin_off", "rst", "packets", "seen",
-        "retrans", "overlaps", "depth_dropped", "late", "base", "pbase", "pkt0",
-    )
-
-    def __init__(self, ip: bytes, port: int, room: int) -> None:
-        self.ip = ip
-        self.port = port
-        # Both set right after construction (flowtable.FlowTable._new_flow); typed Any because
-        # the hot path dereferences them without a None check.
-        self.flow: Any = None
-        self.peer: Any = None
-        self.is_client = False
-        self.next = -1          # next expected 32-bit seq; -1 = nothing seen yet
-        self.off = 0            # 64-bit offset of `next`
-        self.buf = bytearray()
-        self.room = room        # bytes left before the depth limit
-        # sorted [offset, bytes, missing_tail] blocks, non-overlapping; and the skipped holes,
-        # (offset, length, buf position). Both start as the shared empty tuple and become lists
-        # when first needed: most directions never hold either (a flow costs less)
-        self.ooo: Any = ()
-        self.ooo_bytes = 0
-        self.gaps: Any = ()
-        self.isn = -1
-        self.syn = False
-        self.fin = False
-        self.fin_off = -1
-        self.rst = False
-        self.packets = 0
-        self.seen = 0           # bitmask of history letters already recorded
-        self.retrans = 0        # bytes that repeated data already held
-        self.overlaps = 0       # segments whose bytes conflicted with bytes already held
-        self.depth_dropped = 0
-        self.late = 0           # bytes that filled a range already skipped as a gap
-        # parts (DESIGN "Parts"): `buf` holds only the current part; these say where it starts
-        self.base = 0           # delivered bytes emitted in earlier parts (the part's offset)
-        self.pbase = 0          # sequence-space offset where the current part starts
-        self.pkt0 = 0           # packets counted in earlier parts
 
 
 class Embryo:
@@ -436,7 +391,7 @@ class FlowTable:
         if len(h.buf) >= self.part_max:
             self._part(f, f.last)
 
-    def _slow(self, ts: float, dec: tuple, h: Half | Embryo | None, frame: bytes | None) -> None:
+    def _slow(self, ts: float, dec: tuple, h: Half | None, frame: bytes | None) -> None:
         version, src, dst, sport, dport, seq, ack, flags, win, payload, missing, _o = dec
         if h is None:
             # the answer to a flow seen as one SYN: its key is the other direction's
@@ -552,7 +507,7 @@ class FlowTable:
     def _hatch(self, e: Embryo) -> Half:
         """Turn an embryo into the full flow its SYN would have made (the SYN's effects,
         replayed); returns the client half."""
-        key = e.key
+        key = (e.src, e.sport, e.dst, e.dport)
         del self.flows[key]
         e.live = False   # its FIFO entry is now stale (skipped when reached)
         self.nflows -= 1
@@ -573,7 +528,7 @@ class FlowTable:
         return h
 
     def _close_embryo(self, e: Embryo, reason: str) -> None:
-        key = e.key
+        key = (e.src, e.sport, e.dst, e.dport)
         del self.flows[key]
         e.live = False
         self.nflows -= 1

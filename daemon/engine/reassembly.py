@@ -15,14 +15,56 @@ fill of a gap through `fill_gap`: a skipped hole stays fillable until the stream
 from __future__ import annotations
 
 from bisect import bisect_right, insort
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # Half lives in flowtable: compiled there, beside the loop that reads it
-    from streamtap.engine.flowtable import Half
+from typing import Any
 
 MASK32 = 0xFFFFFFFF
 HALF32 = 0x80000000
 UNLIMITED = 1 << 62
+
+
+class Half:
+    """One direction: what the sender of these packets sent, as the receiver would read it."""
+
+    __slots__ = (
+        "flow", "peer", "is_client", "ip", "port",
+        "next", "off", "buf", "room", "ooo", "ooo_bytes", "gaps",
+        "isn", "syn", "fin", "fin_off", "rst", "packets", "seen",
+        "retrans", "overlaps", "depth_dropped", "late", "base", "pbase", "pkt0",
+    )
+
+    def __init__(self, ip: bytes, port: int, room: int) -> None:
+        self.ip = ip
+        self.port = port
+        # Both set right after construction (flowtable.FlowTable._new_flow); typed Any because
+        # the hot path dereferences them without a None check, and Flow lives in flowtable.
+        self.flow: Any = None
+        self.peer: Any = None
+        self.is_client = False
+        self.next = -1          # next expected 32-bit seq; -1 = nothing seen yet
+        self.off = 0            # 64-bit offset of `next`
+        self.buf = bytearray()
+        self.room = room        # bytes left before the depth limit
+        # sorted [offset, bytes, missing_tail] blocks, non-overlapping; and the skipped holes,
+        # (offset, length, buf position). Both start as the shared empty tuple and become lists
+        # when first needed: most directions never hold either (a flow costs less)
+        self.ooo: Any = ()
+        self.ooo_bytes = 0
+        self.gaps: Any = ()
+        self.isn = -1
+        self.syn = False
+        self.fin = False
+        self.fin_off = -1
+        self.rst = False
+        self.packets = 0
+        self.seen = 0           # bitmask of history letters already recorded
+        self.retrans = 0        # bytes that repeated data already held
+        self.overlaps = 0       # segments whose bytes conflicted with bytes already held
+        self.depth_dropped = 0
+        self.late = 0           # bytes that filled a range already skipped as a gap
+        # parts (DESIGN "Parts"): `buf` holds only the current part; these say where it starts
+        self.base = 0           # delivered bytes emitted in earlier parts (the part's offset)
+        self.pbase = 0          # sequence-space offset where the current part starts
+        self.pkt0 = 0           # packets counted in earlier parts
 
 
 def rel_offset(h: Half, seq: int) -> int:
