@@ -20,6 +20,9 @@ COMPILED_MODULES: tuple[str, ...] = (
     "streamtap.engine.wheel",
     "streamtap.engine.decode",
     "streamtap.engine.defrag",
+    "streamtap.engine.reassembly",
+    "streamtap.engine.flowtable",
+    "streamtap.engine.stream",
 )
 
 ENGINE_ENV = "STREAMTAP_ENGINE"

@@ -1,3 +1,5 @@
+# cython: annotation_typing=False
+# (flowtable.pxd types the compiled module; the annotations here are for mypy and readers)
 """The flow table of one shard: connection lookup, TCP state, close, timeouts and limits.
 
 Every capture batch goes through `FlowTable.feed`, whose loop is the hot path (DESIGN "Capture":
@@ -17,10 +19,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import cython
+
 from streamtap.config import Config
 from streamtap.engine import reassembly as ra
 from streamtap.engine.decode import TH_ACK, TH_FIN, TH_PUSH, TH_RST, TH_SYN, TH_URG
-from streamtap.engine.pcapfmt import META
+from streamtap.engine.pcapfmt import META, META_LEN
 from streamtap.engine.reassembly import MASK32, UNLIMITED, Half
 from streamtap.engine.stream import Stream
 from streamtap.engine.wheel import TimerEntry, TimerWheel
@@ -103,17 +107,27 @@ class Embryo:
     fails (`timeout` is -inf), so the next packet of the flow reaches `FlowTable._slow`, which
     turns it into a full `Flow` (`_hatch`) before handling the packet as usual. Its timer is
     the table's FIFO of embryos (they all share the handshake timeout), not a wheel entry.
+
+    It holds its key's four parts, not the key tuple: addresses and numbers can be in no
+    reference cycle, so the compiled type is not tracked by the cyclic GC (a SYN flood holds
+    hundreds of thousands of embryos; tracked, collections were a third of the run).
     """
 
-    __slots__ = ("key", "first", "isn", "linktype")
+    __slots__ = ("src", "sport", "dst", "dport", "live", "first", "isn", "linktype")
     last = 0.0
     timeout = float("-inf")
 
     def __init__(self, key: tuple, first: float, isn: int, linktype: int) -> None:
-        self.key: Any = key     # None once hatched or closed (its FIFO entry is then stale)
+        self.src, self.sport, self.dst, self.dport = key
+        self.live = True        # False once hatched or closed (its FIFO entry is then stale)
         self.first = first
         self.isn = isn
         self.linktype = linktype
+
+    @property
+    def key(self) -> tuple | None:
+        """Its key in the table; None once hatched or closed."""
+        return (self.src, self.sport, self.dst, self.dport) if self.live else None
 
     @property
     def flow(self) -> Embryo:
@@ -146,7 +160,11 @@ class Flow:
 
 
 def _ip(b: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(b) == 4 else socket.AF_INET6, b)
+    """The address as text. IPv4 is formatted here (inet_ntop's dotted quad exactly): twice
+    per stream, a SYN flood's half a million streams felt the call."""
+    if len(b) == 4:
+        return f"{b[0]}.{b[1]}.{b[2]}.{b[3]}"
+    return socket.inet_ntop(socket.AF_INET6, b)
 
 
 ALWAYS_REPORTED = ("flows", "empty_dropped", "gaps", "memory_limit_hits", "depth_dropped_bytes",
@@ -222,24 +240,49 @@ class FlowTable:
 
     # -- the hot path -------------------------------------------------------------------------
 
+    @cython.locals(
+        nrec=cython.Py_ssize_t, i=cython.Py_ssize_t, mi=cython.p_uint, mp=cython.p_uchar,
+        sec=cython.double, usec=cython.double, off=cython.Py_ssize_t, caplen=cython.Py_ssize_t,
+        end=cython.Py_ssize_t, ts=cython.double, next_adv=cython.double, seq=cython.longlong,
+        ack=cython.longlong, flags=cython.int, missing=cython.longlong, n=cython.longlong,
+        mem=cython.longlong, mem_cap=cython.longlong, part_max=cython.longlong,
+        keep=cython.bint, h=Half, f=Flow, mask=cython.longlong, dec=tuple, bit_a=cython.int,
+        bit_d=cython.int, handshake=cython.int, established=cython.int,
+    )
     def feed(self, decode: Callable, data: bytes, meta: bytes) -> None:
         """A capture batch: `meta` holds (sec, usec, offset, caplen) records into `data`, and
         `decode(data, start, end, ts)` turns a frame into a TCP tuple (or None).
 
         This loop is the fast path of the whole program, so it is written flat on purpose:
         attributes hoisted into locals, the in-order append inlined, and everything rare
-        (handshake, FIN/RST, retransmission, out of order, new flows) sent to `_slow` or
-        `_data`. Those may change `_next_advance`, hence the reloads after them.
+        (handshake, FIN/RST, retransmission, out of order, new flows, embryos) sent to `_slow`
+        or `_data`. Those may change `_next_advance`, hence the reloads after them. Compiled,
+        the halves and flows are C structs and the batch's records are read in place.
         """
-        flows_get = self.flows.get
-        slow = self._slow
+        flows: dict = self.flows
         keep = self.limits.keep_packets
         held = self.frag_frames
         mem_cap = self.mem_cap
         part_max = self.part_max
         next_adv = self._next_advance
-        bit_a, bit_d, mask = BIT_A, BIT_D, MASK32
-        for sec, usec, off, caplen in META.iter_unpack(meta):
+        mask = MASK32
+        bit_a, bit_d = BIT_A, BIT_D
+        handshake, established = HANDSHAKE, ESTABLISHED
+        nrec = len(meta) // META_LEN
+        unpack = META.unpack_from
+        if cython.compiled:
+            if type(meta) is not bytes:
+                meta = bytes(meta)
+            mp = meta
+            mi = cython.cast(cython.p_uint, mp)
+        for i in range(nrec):
+            if cython.compiled:
+                sec = mi[4 * i]
+                usec = mi[4 * i + 1]
+                off = mi[4 * i + 2]
+                caplen = mi[4 * i + 3]
+            else:
+                sec, usec, off, caplen = unpack(meta, i * META_LEN)
             ts = sec + usec * 1e-6
             end = off + caplen
             dec = decode(data, off, end, ts)
@@ -249,14 +292,15 @@ class FlowTable:
                 self.advance(ts)
                 next_adv = self._next_advance
             _v, src, dst, sport, dport, seq, ack, flags, _win, payload, missing, _o = dec
-            h = flows_get((src, sport, dst, dport))
-            if h is None or flags & 0x07 or missing:
-                slow(ts, dec, h, data[off:end] if keep else None)
+            o = flows.get((src, sport, dst, dport))
+            if o is None or flags & 0x07 or missing or type(o) is Embryo:
+                self._slow(ts, dec, o, data[off:end] if keep else None)
                 next_adv = self._next_advance
                 continue
+            h = o
             f = h.flow
             if ts - f.last >= f.timeout:
-                slow(ts, dec, h, data[off:end] if keep else None)
+                self._slow(ts, dec, h, data[off:end] if keep else None)
                 next_adv = self._next_advance
                 continue
             f.last = ts
@@ -268,8 +312,8 @@ class FlowTable:
             if flags & 0x10:  # ACK
                 if h.peer.ooo:
                     ra.ack_passed(h.peer, ack, self)
-                if f.state == HANDSHAKE and h.next >= 0:
-                    self._set_state(f, ESTABLISHED)
+                if f.state == handshake and h.next >= 0:
+                    self._set_state(f, established)
                     next_adv = self._next_advance
             if payload:
                 n = len(payload)
@@ -463,9 +507,9 @@ class FlowTable:
     def _hatch(self, e: Embryo) -> Half:
         """Turn an embryo into the full flow its SYN would have made (the SYN's effects,
         replayed); returns the client half."""
-        key = e.key
+        key = (e.src, e.sport, e.dst, e.dport)
         del self.flows[key]
-        e.key = None   # its FIFO entry is now stale (skipped when reached); free the key
+        e.live = False   # its FIFO entry is now stale (skipped when reached)
         self.nflows -= 1
         self.mem -= EMBRYO_BYTES
         src, sport, dst, dport = key
@@ -484,9 +528,9 @@ class FlowTable:
         return h
 
     def _close_embryo(self, e: Embryo, reason: str) -> None:
-        key = e.key
+        key = (e.src, e.sport, e.dst, e.dport)
         del self.flows[key]
-        e.key = None
+        e.live = False
         self.nflows -= 1
         self.mem -= EMBRYO_BYTES
         self.stats["streams_" + reason] += 1
@@ -611,7 +655,7 @@ class FlowTable:
         limit = now - self.timeouts[HANDSHAKE]
         while embryos:
             em = embryos[0]
-            if em.key is None:       # hatched or closed already
+            if not em.live:       # hatched or closed already
                 embryos.popleft()
                 continue
             if em.first > limit:
@@ -634,7 +678,7 @@ class FlowTable:
         embryos = self.embryos
         while n < count and embryos:
             e = embryos.popleft()
-            if e.key is None:
+            if not e.live:
                 continue
             self.stats["evicted_" + why] += 1
             self._close_embryo(e, "evicted")
@@ -658,7 +702,7 @@ class FlowTable:
         embryos = self.embryos
         while self.mem > target and embryos:
             e = embryos.popleft()
-            if e.key is not None:
+            if e.live:
                 self.stats["evicted_memory"] += 1
                 self._close_embryo(e, "evicted")
         if self.mem > target:
@@ -692,9 +736,18 @@ class FlowTable:
         end), so a caller can hand their streams over before the next ones are built (at the
         end of a SYN flood, half a million streams at once would double the peak memory)."""
         n = 0
-        for h in list(self.flows.values()):
+        # The streams built here trigger full collections, and each walked the table, its
+        # snapshot and the embryo FIFO: in a SYN flood, 500,000 entries each, two thirds of
+        # the flush. Every live embryo is in `flows`, so the FIFO goes; the table and the
+        # snapshot are untracked (everything they hold stays alive while they do; the table
+        # is tracked again by the next flow it takes).
+        self.embryos.clear()
+        snapshot = tuple(self.flows.values())
+        _untrack(snapshot)
+        _untrack(self.flows)
+        for h in snapshot:
             if type(h) is Embryo:
-                if h.key is None:
+                if not h.live:
                     continue
                 self._close_embryo(h, reason)
             elif h.is_client and h.flow.c is h:
@@ -705,7 +758,6 @@ class FlowTable:
             n += 1
             if chunk and n % chunk == 0:
                 yield
-        self.embryos.clear()
         yield
 
     def _part(self, f: Flow, now: float) -> None:
@@ -765,7 +817,7 @@ class FlowTable:
         self.stats["gaps"] += len(gaps)
         # counted at emit, not when skipped: a hole may still be filled late until then, and a
         # Prometheus counter must not go down
-        self.gap_bytes += sum(n for _, n, _ in gaps)
+        self.gap_bytes += sum([g[1] for g in gaps])
         stream = Stream(
             client=(_ip(c.ip), c.port),
             server=(_ip(s.ip), s.port),
@@ -794,6 +846,14 @@ class FlowTable:
         stream.client_offset = c.base
         stream.server_offset = s.base
         return stream
+
+
+def _untrack(obj: object) -> None:
+    """Take a container out of the cyclic GC's lists (compiled only: the Python engine keeps
+    CPython's behaviour). Safe for a container whose contents are alive anyway: the GC then
+    counts its references as external ones, and nothing it holds is collected early."""
+    if cython.compiled:
+        PyObject_GC_UnTrack(obj)  # type: ignore[name-defined]  # noqa: F821 (flowtable.pxd)
 
 
 def _eviction_order(f: Flow) -> tuple[bool, float]:

@@ -184,7 +184,7 @@ def _ids(s: Stream, start_us: int) -> tuple[str, str]:
     return _stream_id(a, cport, b, sport, start_us), community_id_packed(a, cport, b, sport)
 
 
-def encode_payload(data: bytes, encoding: str) -> str | None:
+def encode_payload(data: bytes | memoryview, encoding: str) -> str | None:
     """`data` as a JSON string: base64 | hex | utf8 (lossy, U+FFFD for bad bytes) | none (None)."""
     if encoding == "base64":
         return _b64encode(data).decode("ascii")
@@ -206,7 +206,7 @@ def _check(payload: str, max_payload: int | None) -> None:
         raise ValueError(f"max_payload must be >= 0, got {max_payload}")
 
 
-def _capped(data: bytes, max_payload: int | None) -> tuple[Any, bool]:
+def _capped(data: bytes | memoryview, max_payload: int | None) -> tuple[Any, bool]:
     """(`data` cut to `max_payload` bytes, whether it was cut): a memoryview, not a copy."""
     if max_payload is not None and len(data) > max_payload:
         return memoryview(data)[:max_payload], True

@@ -3,7 +3,7 @@ importing it.
 
 Stdlib only, so the Makefile can ask for the sources before any venv exists:
 
-    python3 packaging/backend/engine_modules.py   # the listed modules' .py files, space-separated
+    python3 packaging/backend/engine_modules.py   # their .py (and .pxd) files, space-separated
 """
 
 from __future__ import annotations
@@ -53,6 +53,18 @@ def module_sources(root: Path = ROOT) -> dict[str, str]:
     return out
 
 
+def build_inputs(root: Path = ROOT) -> list[str]:
+    """The listed modules' .py files and the .pxd declarations beside them (an edit to either
+    must recompile)."""
+    out = []
+    for src in module_sources(root).values():
+        out.append(src)
+        pxd = src[: -len(".py")] + ".pxd"
+        if (root / pxd).is_file():
+            out.append(pxd)
+    return out
+
+
 if __name__ == "__main__":
-    print(" ".join(module_sources().values()))
+    print(" ".join(build_inputs()))
     sys.exit(0)

@@ -33,7 +33,19 @@ def extensions() -> list[setuptools.Extension]:
     # the generated C goes to build/cython/, so it is neither next to the source (nor in git)
     # nor picked up as package data into the wheel
     return cythonize(exts, compiler_directives={"language_level": 3}, quiet=True,
-                     build_dir="build/cython")
+                     build_dir="build/cython", include_path=[pxd_root()])
+
+
+def pxd_root() -> str:
+    """A directory where the package's name leads to its sources (build/cython/pxd/streamtap ->
+    daemon): Cython finds a module's .pxd (flowtable.pxd beside flowtable.py) by the module's
+    installed name, streamtap.engine.flowtable, which the source tree does not spell."""
+    root = os.path.join("build", "cython", "pxd")
+    link = os.path.join(root, "streamtap")
+    os.makedirs(root, exist_ok=True)
+    if not os.path.islink(link):
+        os.symlink(os.path.join("..", "..", "..", "daemon"), link)
+    return root
 
 
 _setup = setuptools.setup
