@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import netns  # noqa: E402
 
 from streamtap import config  # noqa: E402
+from streamtap.process.messages import Eof, Ready, Stats, Stop, Stopped, Streams  # noqa: E402
 from streamtap.process.worker import worker_process  # noqa: E402
 
 PCAP = Path("/dev/shm/streamtap-live-bench.pcap")
@@ -95,7 +96,7 @@ class Run:
                 self.conns.append(parent)
         for c in self.conns:
             msg = c.recv()
-            if msg[0] != "ready":
+            if not isinstance(msg, Ready):
                 raise RuntimeError(f"worker failed: {msg}")
         self.cpu0 = [cpu_seconds(p.pid) for p in self.procs]
 
@@ -105,12 +106,12 @@ class Run:
             for i, c in enumerate(self.conns):
                 while c.poll(0):
                     msg = c.recv()
-                    if msg[0] == "stats":
-                        self.stats[i] = msg[1]
+                    if isinstance(msg, Stats):
+                        self.stats[i] = msg.stats
             try:
                 item = self.queue.get(timeout=0.01)
-                if item[0] == "streams":
-                    self.streams += len(item[2])
+                if isinstance(item, Streams):
+                    self.streams += len(item.streams)
             except queue_mod.Empty:
                 pass
             if time.monotonic() >= end:
@@ -138,7 +139,7 @@ class Run:
                     break
         cpu = [cpu_seconds(p.pid) - c0 for p, c0 in zip(self.procs, self.cpu0, strict=True)]
         for c in self.conns:
-            c.send(("stop",))
+            c.send(Stop())
         eofs = 0
         final: dict[int, dict] = {}
         stopped: set[int] = set()
@@ -147,9 +148,9 @@ class Run:
             try:
                 while i not in stopped and c.poll(wait):
                     msg = c.recv()
-                    if msg[0] == "stats":
-                        final[i] = msg[1]  # the last one is sent just before "stopped"
-                    elif msg[0] == "stopped":
+                    if isinstance(msg, Stats):
+                        final[i] = msg.stats  # the last one is sent just before Stopped
+                    elif isinstance(msg, Stopped):
                         stopped.add(i)
             except (EOFError, OSError):
                 stopped.add(i)
@@ -162,10 +163,10 @@ class Run:
                 item = self.queue.get(timeout=0.05)
             except queue_mod.Empty:
                 continue
-            if item[0] == "eof":
+            if isinstance(item, Eof):
                 eofs += 1
-            elif item[0] == "streams":
-                self.streams += len(item[2])
+            elif isinstance(item, Streams):
+                self.streams += len(item.streams)
         for i, c in enumerate(self.conns):
             read(i, c, 1)
         for p in self.procs:
