@@ -52,6 +52,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import gen_capture as gc  # noqa: E402
+import machine  # noqa: E402
 import netns  # noqa: E402
 
 STREAMTAP = str(Path(sys.executable).with_name("streamtap"))
@@ -438,14 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run(Path(d), syns=args.syns, pps=args.pps, cap=args.cap, workers=args.workers,
                   real=args.real, tcp=args.tcp, emit_empty=args.emit_empty, buffer=args.buffer,
                   log=lambda m: print(m, file=sys.stderr))
-    bad = verdict(res)
-    if args.json:
-        print(json.dumps({**res, "failed": bad}, indent=1))
-    else:
-        for k, v in res.items():
-            print(f"{k}: {v}")
-        print("held: all" if not bad else "FAILED: " + "; ".join(bad))
-    return 1 if bad else 0
+    return machine.print_verdict(res, verdict(res), args.json)
 
 
 if __name__ == "__main__":

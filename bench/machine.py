@@ -53,3 +53,17 @@ def results_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[st
         else:
             lines.append(fmt.format(*row).rstrip())
     return lines
+
+
+def print_verdict(res: dict, bad: list[str], as_json: bool) -> int:
+    """The end of a long run (flood.py, soak.py): its figures, then what did not hold; the
+    exit status (1 when anything failed)."""
+    import json
+
+    if as_json:
+        print(json.dumps({**res, "failed": bad}, indent=1))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+        print("held: all" if not bad else "FAILED: " + "; ".join(bad))
+    return 1 if bad else 0

@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
+import machine  # noqa: E402
 from couchserver import CouchServer  # noqa: E402
 from flood import fd_count, rss_bytes, status  # noqa: E402
 
@@ -377,14 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run(Path(d), duration=args.duration, rate=args.rate, kill_every=args.kill_every,
                   hup_every=args.hup_every, couch_every=args.couch_every,
                   couch_down=args.couch_down, log=lambda m: print(m, file=sys.stderr))
-    bad = verdict(res)
-    if args.json:
-        print(json.dumps({**res, "failed": bad}, indent=1))
-    else:
-        for k, v in res.items():
-            print(f"{k}: {v}")
-        print("held: all" if not bad else "FAILED: " + "; ".join(bad))
-    return 1 if bad else 0
+    return machine.print_verdict(res, verdict(res), args.json)
 
 
 if __name__ == "__main__":
