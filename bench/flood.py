@@ -75,38 +75,11 @@ def build_capture(path: str, syns: int, real: int, seed: int = 1) -> list[dict]:
     """`syns` unanswered SYNs from distinct sources to one server, 10 µs apart, with `real`
     complete connections to the same server through them (gen_capture's synflood, scaled).
     Returns the real connections' truth."""
-    if syns >= 1 << 22:
-        raise ValueError("at most 4,194,304 SYNs (distinct sources in 100.64.0.0/10)")
     rng = random.Random(seed)
     block = rng.randbytes(gc.BLOCK_SIZE)
-    victim = (gc._ip4((192, 0), 2 * 256 + 80), 80)
-    span = max(syns * 10, 200_000)
-    reals: list[tuple[int, int, bytearray]] = []
-    truth = []
-    for k in range(real):
-        c = gc._FastConn((gc._ip4((10, 2), k + 1), 40_000 + k), victim, rng.getrandbits(32),
-                         rng.getrandbits(32), rng.getrandbits(32))
-        off = rng.randrange(len(block) - 41_000)
-        resp = block[off : off + rng.randint(4_000, 40_000)]
-        req = b"GET /real/%d HTTP/1.1\r\nHost: victim.example\r\n\r\n" % k
-        for t, f in gc._conn_packets(c, rng.randrange(span - 100_000), req, resp, gc.PAYLOAD4,
-                                     rng.randint(50, 500)):
-            reals.append((t, len(reals), f))
-        truth.append(c.truth())
-    reals.sort()
     w = gc._FastWriter(path)
     try:
-        ri = 0
-        for i in range(syns):
-            t = i * 10
-            while ri < len(reals) and reals[ri][0] <= t:
-                w.add(reals[ri][0], reals[ri][2])
-                ri += 1
-            src = bytes((100, 64 + (i >> 16), (i >> 8) & 255, i & 255))
-            w.add(t, gc._FastConn((src, rng.randint(1024, 65535)), victim, rng.getrandbits(32),
-                                  0, rng.getrandbits(32)).frame(t, 0, gc.SYN))
-        for t, _, f in reals[ri:]:
-            w.add(t, f)
+        truth, _ = gc.generate_synflood(w, rng, block, syns=syns, real=real)
     finally:
         w.close()
     return truth

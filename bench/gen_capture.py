@@ -607,12 +607,15 @@ def generate_short(w: _FastWriter, rng: random.Random, block: bytes) -> list[dic
     return truth
 
 
-def generate_synflood(w: _FastWriter, rng: random.Random, block: bytes) -> tuple[list[dict], int]:
-    """500,000 SYNs from distinct sources to one server, none answered, 10 µs apart; 200 real
-    connections to the same server start at random times through them."""
-    syns, real = 500_000, 200
+def generate_synflood(w: _FastWriter, rng: random.Random, block: bytes, *, syns: int = 500_000,
+                      real: int = 200) -> tuple[list[dict], int]:
+    """`syns` SYNs from distinct sources to one server, none answered, 10 µs apart; `real`
+    connections to the same server start at random times through them (bench/flood.py scales
+    both)."""
+    if syns >= 1 << 22:
+        raise ValueError("at most 4,194,304 SYNs (distinct sources in 100.64.0.0/10)")
     victim = (_ip4((192, 0), 2 * 256 + 80), 80)
-    span = syns * 10
+    span = max(syns * 10, 200_000)
     reals: list[tuple[int, int, bytearray]] = []
     truth = []
     for k in range(real):
