@@ -183,6 +183,16 @@ def _summary_line(stats: dict[str, Any], elapsed: float) -> str:
     return line
 
 
+def close_sinks(sinks: list[Sink]) -> None:
+    """Close every sink at the end of an offline run; a failure was reported when it happened,
+    so closing does not report it again."""
+    for s in sinks:
+        try:
+            s.close()
+        except _sink_errors():
+            pass
+
+
 def run_offline(args: argparse.Namespace, cfg: Config) -> int:
     from streamtap.engine.decode import UnsupportedLinkType
     from streamtap.engine.pipeline import Pipeline
@@ -257,11 +267,7 @@ def run_offline(args: argparse.Namespace, cfg: Config) -> int:
             if status == EXIT_OK:
                 print(f"streamtap: {e}", file=sys.stderr)
                 status = EXIT_RUNTIME
-        for s in sinks:
-            try:
-                s.close()
-            except _sink_errors():
-                pass
+        close_sinks(sinks)
     if not args.quiet and status != EXIT_USAGE and (status == EXIT_OK or pipe.packets):
         print(_summary_line(pipe.stats, time.monotonic() - started), file=sys.stderr)
     return status
@@ -298,11 +304,7 @@ def _run_parallel(args: argparse.Namespace, cfg: Config, nworkers: int) -> int:
         print(f"streamtap: {describe_error(e)}", file=sys.stderr)
         status = EXIT_RUNTIME
     finally:
-        for s in sinks:
-            try:
-                s.close()
-            except _sink_errors():
-                pass
+        close_sinks(sinks)
     if not args.quiet and stats is not None:
         print(_summary_line(stats, time.monotonic() - started), file=sys.stderr)
     return status
